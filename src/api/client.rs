@@ -1,0 +1,210 @@
+//! A client of the daemon's API over its unix socket: what the CLI and the tests use.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+use super::types::{ErrorBody, Info, NetworkInspect};
+use crate::cluster::{EndpointCreate, NetworkCreate};
+use crate::model::{Endpoint, Network};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid daemon address {0:?}: use unix:///path/to/vxnet.sock")]
+    InvalidHost(String),
+    #[error("cannot connect to the vxnet daemon at unix://{socket}: {source}. Is `vxnet daemon` running? (-H or VXNET_HOST choose another socket)")]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("Error response from daemon: {message}")]
+    Api { status: StatusCode, message: String },
+    #[error("talking to the vxnet daemon failed: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error answer.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One daemon's API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// `host` is `unix:///path` or a plain path.
+    pub fn new(host: &str) -> Result<Self, ClientError> {
+        let path = host.strip_prefix("unix://").unwrap_or(host);
+        if path.is_empty()
+            || !path.starts_with('/')
+            || host.contains("://") && !host.starts_with("unix://")
+        {
+            return Err(ClientError::InvalidHost(host.to_string()));
+        }
+        Ok(Client {
+            socket: PathBuf::from(path),
+        })
+    }
+
+    /// A client of the daemon listening on `socket`.
+    pub fn from_socket(socket: PathBuf) -> Self {
+        Client { socket }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request; a body is sent as JSON. Returns the status and raw body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "vxnet");
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer ({status}): {e}")))
+    }
+
+    pub async fn info(&self) -> Result<Info, ClientError> {
+        self.call(Method::GET, "/v1/info", None::<&()>).await
+    }
+
+    pub async fn network_ls(&self) -> Result<Vec<Network>, ClientError> {
+        self.call(Method::GET, "/v1/networks", None::<&()>).await
+    }
+
+    pub async fn network_create(&self, req: &NetworkCreate) -> Result<Network, ClientError> {
+        self.call(Method::POST, "/v1/networks", Some(req)).await
+    }
+
+    pub async fn network_inspect(&self, reference: &str) -> Result<NetworkInspect, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/networks/{}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn network_rm(&self, reference: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/networks/{}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn endpoint_create(
+        &self,
+        network: &str,
+        req: &EndpointCreate,
+    ) -> Result<Endpoint, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/networks/{}/endpoints", escape(network)),
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn endpoint_delete(&self, network: &str, endpoint: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!(
+                "/v1/networks/{}/endpoints/{}",
+                escape(network),
+                escape(endpoint)
+            ),
+            None::<&()>,
+        )
+        .await
+    }
+}
+
+/// Percent-encodes a path segment (names may hold characters a URI path cannot).
+fn escape(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,246 @@
+//! Serves the API on the daemon's unix socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+
+use super::types::{EndpointInfo, ErrorBody, Info, NetworkInspect};
+use crate::cluster::LeaseSource;
+use crate::cluster::{Cluster, EndpointCreate, NetworkCreate};
+use crate::error::{Error, ErrorKind};
+use crate::model::{Network, Node, SCOPE_GLOBAL};
+use crate::node::Membership;
+use crate::view::{ClusterView, SharedView};
+
+/// Request bodies are small JSON documents; anything larger is refused before parsing.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long a write waits for the daemon's own view to show it before answering.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(2);
+
+/// What the handlers share.
+pub struct ApiState {
+    pub cluster: Arc<Cluster>,
+    pub view: SharedView,
+    pub membership: Arc<Membership>,
+    pub node: Node,
+}
+
+type AppState = Arc<ApiState>;
+
+/// An error answer: status from the error's kind, body `{"message": ...}`.
+pub struct ApiError(StatusCode, String);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match e.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, format!("invalid request body: {}", r.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { message: self.1 })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{reference}",
+            get(inspect_network).delete(remove_network),
+        )
+        .route(
+            "/v1/networks/{reference}/endpoints",
+            axum::routing::post(create_endpoint),
+        )
+        .route(
+            "/v1/networks/{reference}/endpoints/{endpoint}",
+            delete(delete_endpoint),
+        )
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such API route: see docs/api.md".into(),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Reads need a view that has been listed at least once.
+fn synced_view(state: &ApiState) -> ApiResult<ClusterView> {
+    let view = state.view.snapshot();
+    if view.revision == 0 {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this daemon has not synced with the cluster store yet; check `vxnet info` and etcd"
+                .into(),
+        ));
+    }
+    Ok(view)
+}
+
+async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
+    let view = state.view.snapshot();
+    Ok(Json(Info {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node: state.node.clone(),
+        cluster_store: state.cluster.store().describe(),
+        store_prefix: state.cluster.keys().prefix().to_string(),
+        registered: state.membership.current_lease().is_some(),
+        view_revision: view.revision,
+        nodes: view.nodes.values().cloned().collect(),
+        networks: view.networks.len(),
+        endpoints: view.endpoints.values().map(|e| e.len()).sum(),
+    }))
+}
+
+async fn list_networks(State(state): State<AppState>) -> ApiResult<Json<Vec<Network>>> {
+    let view = synced_view(&state)?;
+    let mut nets: Vec<Network> = view.networks.values().map(|n| n.network.clone()).collect();
+    nets.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(nets))
+}
+
+fn inspect(view: &ClusterView, reference: &str) -> ApiResult<NetworkInspect> {
+    let stored = view.resolve_network(reference)?;
+    let endpoints = view
+        .endpoints_of(&stored.network.id)
+        .map(|e| {
+            let node = view.nodes.get(&e.node_id);
+            EndpointInfo {
+                endpoint: e.clone(),
+                node_name: node.map(|n| n.name.clone()),
+                node_addr: node.map(|n| n.advertise_addr),
+            }
+        })
+        .collect();
+    Ok(NetworkInspect {
+        network: stored.network.clone(),
+        scope: SCOPE_GLOBAL.to_string(),
+        endpoints,
+    })
+}
+
+async fn inspect_network(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<NetworkInspect>> {
+    let view = synced_view(&state)?;
+    Ok(Json(inspect(&view, &reference)?))
+}
+
+async fn create_network(
+    State(state): State<AppState>,
+    body: Result<Json<NetworkCreate>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Network>)> {
+    let Json(req) = body?;
+    let written = state.cluster.create_network(req).await?;
+    state
+        .view
+        .wait_for(written.revision, READ_YOUR_WRITES)
+        .await;
+    Ok((StatusCode::CREATED, Json(written.value)))
+}
+
+async fn remove_network(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+) -> ApiResult<StatusCode> {
+    let written = state.cluster.remove_network(&reference).await?;
+    state
+        .view
+        .wait_for(written.revision, READ_YOUR_WRITES)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_endpoint(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+    body: Result<Json<EndpointCreate>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<crate::model::Endpoint>)> {
+    let Json(req) = body?;
+    let network = match state.view.with(|v| v.resolve_network(&reference).cloned()) {
+        Ok(n) => n,
+        // Not in this daemon's view (yet): ask the store itself before saying no.
+        Err(_) => {
+            let (networks, _) = state.cluster.read_networks().await?;
+            crate::cluster::resolve(&networks, &reference)?.clone()
+        }
+    };
+    let written = state.cluster.create_endpoint(&network, req).await?;
+    state
+        .view
+        .wait_for(written.revision, READ_YOUR_WRITES)
+        .await;
+    Ok((StatusCode::CREATED, Json(written.value)))
+}
+
+async fn delete_endpoint(
+    State(state): State<AppState>,
+    Path((reference, endpoint)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let network = state
+        .view
+        .with(|v| v.resolve_network(&reference).cloned())?;
+    let id = view_endpoint_id(&state, &network.network.id, &endpoint)?;
+    let written = state
+        .cluster
+        .delete_endpoint(&network.network.id, &id)
+        .await?;
+    state
+        .view
+        .wait_for(written.revision, READ_YOUR_WRITES)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Finds an endpoint of a network by full ID, name or unique ID prefix.
+fn view_endpoint_id(
+    state: &ApiState,
+    net: &crate::model::NetworkId,
+    reference: &str,
+) -> ApiResult<crate::model::EndpointId> {
+    state.view.with(|v| {
+        let eps: Vec<_> = v.endpoints_of(net).collect();
+        if let Some(e) = eps
+            .iter()
+            .find(|e| e.id.as_str() == reference || e.name == reference)
+        {
+            return Ok(e.id.clone());
+        }
+        let mut m = eps.iter().filter(|e| e.id.as_str().starts_with(reference));
+        match (m.next(), m.next()) {
+            (Some(e), None) if !reference.is_empty() => Ok(e.id.clone()),
+            _ => Err(Error::EndpointNotFound(reference.to_string()).into()),
+        }
+    })
+}

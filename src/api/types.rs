@@ -1,0 +1,48 @@
+//! Request and response bodies of the API (beyond the model types themselves).
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Endpoint, Network, Node};
+
+/// Every error answer: `{"message": "..."}` with a 4xx/5xx status, as Docker's API does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+/// An endpoint as `network inspect` shows it: with the name and address of its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+    /// The host's node name, when its node key is known (absent while the host is away).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_addr: Option<std::net::IpAddr>,
+}
+
+/// `GET /v1/networks/{ref}`: the network and its endpoints on every host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInspect {
+    #[serde(flatten)]
+    pub network: Network,
+    pub scope: String,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// `GET /v1/info`: this daemon and what it sees of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Info {
+    pub version: String,
+    pub node: Node,
+    pub cluster_store: String,
+    pub store_prefix: String,
+    /// Whether this node currently holds a live lease in the store.
+    pub registered: bool,
+    /// The store revision the daemon's view has reached (0: not synced yet).
+    pub view_revision: i64,
+    pub nodes: Vec<Node>,
+    pub networks: usize,
+    pub endpoints: usize,
+}

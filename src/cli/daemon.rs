@@ -1,0 +1,99 @@
+//! `vxnet daemon`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::daemon::{parse_advertise, DaemonConfig};
+use crate::store::keys::DEFAULT_PREFIX;
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Where the cluster store is: etcd://HOST:PORT[,HOST:PORT…]
+    #[arg(long, env = "VXNET_CLUSTER_STORE")]
+    cluster_store: String,
+    /// How peers reach this host: IP[:PORT] of its underlay interface (the VXLAN endpoint).
+    #[arg(long, env = "VXNET_CLUSTER_ADVERTISE")]
+    cluster_advertise: String,
+    /// This host's name in the cluster (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Persistent state (node ID, lease).
+    #[arg(long, default_value = "/var/lib/vxnet")]
+    state_dir: PathBuf,
+    /// Runtime state (namespaces, pid files).
+    #[arg(long, default_value = "/run/vxnet")]
+    run_dir: PathBuf,
+    /// The API socket.
+    #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Key prefix in the cluster store (several clusters can share one etcd).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    store_prefix: String,
+    /// Seconds without a keep-alive after which this host counts as dead.
+    #[arg(long, default_value_t = 15)]
+    lease_ttl: u64,
+    /// etcd credentials as USER:PASSWORD (when etcd's auth is on).
+    #[arg(long, env = "VXNET_ETCD_USER")]
+    etcd_user: Option<String>,
+}
+
+pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    let (advertise_addr, advertise_port) = parse_advertise(&args.cluster_advertise)?;
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("cannot read the hostname: give --node-name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let etcd_user = match args.etcd_user {
+        Some(s) => {
+            let (u, p) = s
+                .split_once(':')
+                .context("--etcd-user must be USER:PASSWORD")?;
+            Some((u.to_string(), p.to_string()))
+        }
+        None => None,
+    };
+    let config = DaemonConfig {
+        cluster_store: args.cluster_store,
+        advertise_addr,
+        advertise_port,
+        node_name,
+        state_dir: args.state_dir,
+        run_dir: args.run_dir,
+        socket: args.socket,
+        store_prefix: args.store_prefix,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        etcd_user,
+    };
+    crate::daemon::run(config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon still stops on SIGKILL; keep serving.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,113 @@
+//! The `vxnet` command line: parses arguments, talks to the daemon's API, prints like Docker.
+//! This is the binary's edge, so errors are `anyhow` here and typed everywhere below.
+
+mod daemon;
+mod lab;
+mod network;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::client::Client;
+use crate::api::DEFAULT_SOCKET;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vxnet",
+    version,
+    about = "Multi-host container networking over kernel VXLAN, with etcd as the cluster store"
+)]
+pub struct Cli {
+    /// Daemon socket to talk to.
+    #[arg(short = 'H', long = "host", env = "VXNET_HOST", global = true,
+          default_value = concat!("unix://", "/run/vxnet/vxnet.sock"))]
+    host: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the per-host agent (the counterpart of `dockerd --cluster-store …`).
+    Daemon(daemon::DaemonArgs),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
+    /// Show this host's daemon, its node and the cluster it sees.
+    Info {
+        /// Output format: `json` for scripts.
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// The lab: the seed's hosts simulated in network namespaces on this machine.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+}
+
+/// Parses the command line, runs it, and turns failures into a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vxnet: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let _ = DEFAULT_SOCKET; // the default above spells the same path
+    match cli.command {
+        Command::Daemon(args) => daemon::run(args).await,
+        Command::Network(cmd) => network::run(&client(&cli.host)?, cmd).await,
+        Command::Info { format } => info(&client(&cli.host)?, format.as_deref()).await,
+        Command::Lab(cmd) => lab::run(cmd).await,
+    }
+}
+
+fn client(host: &str) -> anyhow::Result<Client> {
+    Ok(Client::new(host)?)
+}
+
+async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode> {
+    let info = client.info().await?;
+    match format {
+        Some("json") => println!("{}", serde_json::to_string_pretty(&info)?),
+        Some(other) => anyhow::bail!("unknown --format {other:?}: use json"),
+        None => {
+            println!(
+                "Node:            {} ({})",
+                info.node.name,
+                info.node.id.short()
+            );
+            println!("Advertise:       {}", info.node.advertise_addr);
+            println!("Cluster store:   {}", info.cluster_store);
+            println!("Store prefix:    {}", info.store_prefix);
+            println!(
+                "Registered:      {}",
+                if info.registered { "yes" } else { "no" }
+            );
+            println!("View revision:   {}", info.view_revision);
+            println!("Networks:        {}", info.networks);
+            println!("Endpoints:       {}", info.endpoints);
+            println!("Nodes:           {}", info.nodes.len());
+            for n in &info.nodes {
+                println!("  {}  {}  {}", n.id.short(), n.name, n.advertise_addr);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,567 @@
+//! Cluster operations: create and remove networks, create and delete endpoints. Each one is
+//! an etcd transaction whose compares make it safe against every other host doing the same
+//! at the same moment; a lost race is retried on fresh data or reported, never papered over.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::ipam::{self, AddressPool};
+use crate::model::{self, Endpoint, Id, Mac, Network, NetworkId, NodeId, DRIVER_OVERLAY};
+use crate::store::Keys;
+use crate::store::{Compare, KeyValue, LeaseId, Op, Store, StoreError};
+
+/// How often a transaction that lost a race is retried on fresh data before giving up.
+const MAX_ATTEMPTS: usize = 32;
+
+/// The lowest MTU an overlay may have: IPv6's minimum, so nothing in a container breaks.
+pub const MTU_MIN: u32 = 1280;
+/// The highest overlay MTU accepted at create time (jumbo underlay minus VXLAN's 50 bytes).
+/// Each host also checks it against its own underlay when it builds the network.
+pub const MTU_MAX: u32 = 9000 - 50;
+
+/// What `network create` asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// The first free 10.x.y.0/24 when absent (Docker's default pool).
+    #[serde(default)]
+    pub subnet: Option<Ipv4Net>,
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ip_range: Option<Ipv4Net>,
+    #[serde(default)]
+    pub vni: Option<u32>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What creating an endpoint asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointCreate {
+    /// Shown in `network inspect`; defaults to the endpoint ID's short form.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A specific address; otherwise the next free one.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// A network as read from the store, with the revisions the compares need.
+#[derive(Clone, Debug)]
+pub struct StoredNetwork {
+    pub network: Network,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+/// The result of a write: the value and the store revision that made it visible.
+#[derive(Clone, Debug)]
+pub struct Written<T> {
+    pub value: T,
+    pub revision: i64,
+}
+
+/// Where this node's lease comes from; endpoints are written with it.
+pub trait LeaseSource: Send + Sync {
+    fn current_lease(&self) -> Option<LeaseId>;
+}
+
+/// Cluster operations on behalf of one node.
+pub struct Cluster {
+    store: Arc<dyn Store>,
+    keys: Keys,
+    node_id: NodeId,
+    lease: Arc<dyn LeaseSource>,
+    /// Addresses this daemon is trying to claim right now, so that its own concurrent
+    /// requests pick different candidates instead of colliding with each other in etcd.
+    in_flight: Mutex<HashSet<(NetworkId, Ipv4Addr)>>,
+}
+
+/// Releases an in-flight address reservation however the attempt ends.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<(NetworkId, Ipv4Addr)>>,
+    key: (NetworkId, Ipv4Addr),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+/// Docker's rule for network and container names.
+pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {what} name {name:?}: use 1 to 128 characters [a-zA-Z0-9][a-zA-Z0-9_.-]"
+        )))
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Error> {
+    serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail (no maps with non-string keys, no I/O).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Finds a network by full ID, exact name, or unique ID prefix (Docker's order).
+pub fn resolve<'a, I>(networks: I, reference: &str) -> Result<&'a StoredNetwork, Error>
+where
+    I: IntoIterator<Item = &'a StoredNetwork> + Clone,
+{
+    if let Some(n) = networks
+        .clone()
+        .into_iter()
+        .find(|n| n.network.id.as_str() == reference)
+    {
+        return Ok(n);
+    }
+    if let Some(n) = networks
+        .clone()
+        .into_iter()
+        .find(|n| n.network.name == reference)
+    {
+        return Ok(n);
+    }
+    if Id::looks_like_prefix(reference) {
+        let mut matches = networks
+            .into_iter()
+            .filter(|n| n.network.id.as_str().starts_with(reference));
+        if let Some(first) = matches.next() {
+            if matches.next().is_some() {
+                return Err(Error::AmbiguousNetwork(reference.to_string()));
+            }
+            return Ok(first);
+        }
+    }
+    Err(Error::NetworkNotFound(reference.to_string()))
+}
+
+impl Cluster {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Keys,
+        node_id: NodeId,
+        lease: Arc<dyn LeaseSource>,
+    ) -> Self {
+        Cluster {
+            store,
+            keys,
+            node_id,
+            lease,
+            in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Every network, read from the store (linearizable), with the read's revision.
+    pub async fn read_networks(&self) -> Result<(Vec<StoredNetwork>, i64), Error> {
+        let listing = self.store.list(&self.keys.networks()).await?;
+        let mut out = Vec::with_capacity(listing.kvs.len());
+        for kv in &listing.kvs {
+            out.push(StoredNetwork {
+                network: parse_json(kv)?,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+            });
+        }
+        Ok((out, listing.revision))
+    }
+
+    /// Creates a global network. Name, subnet and VNI are unique cluster-wide: the
+    /// transaction fails if any network was added after the checks read the list.
+    pub async fn create_network(&self, req: NetworkCreate) -> Result<Written<Network>, Error> {
+        validate_name("network", &req.name)?;
+        let driver = req
+            .driver
+            .clone()
+            .unwrap_or_else(|| DRIVER_OVERLAY.to_string());
+        if driver != DRIVER_OVERLAY {
+            return Err(Error::invalid(format!(
+                "driver {driver:?} is not supported: vxnet networks use --driver overlay"
+            )));
+        }
+        if req.subnet.is_none() && (req.gateway.is_some() || req.ip_range.is_some()) {
+            return Err(Error::invalid("--gateway and --ip-range need --subnet"));
+        }
+        if let Some(subnet) = req.subnet {
+            AddressPool::new(subnet, req.gateway, req.ip_range)?;
+        }
+        if let Some(vni) = req.vni {
+            ipam::validate_vni(vni)?;
+        }
+        if let Some(mtu) = req.mtu {
+            if !(MTU_MIN..=MTU_MAX).contains(&mtu) {
+                return Err(Error::invalid(format!(
+                    "MTU {mtu} is out of range: use {MTU_MIN}..{MTU_MAX} \
+                     (at most the underlay's MTU minus 50)"
+                )));
+            }
+        }
+        for key in req.labels.keys() {
+            if key.is_empty() || key.contains('=') {
+                return Err(Error::invalid(format!(
+                    "invalid label key {key:?}: use key=value"
+                )));
+            }
+        }
+
+        for _ in 0..MAX_ATTEMPTS {
+            let (existing, read_rev) = self.read_networks().await?;
+            if existing.iter().any(|n| n.network.name == req.name) {
+                return Err(Error::NetworkNameInUse(req.name));
+            }
+            let subnet = match req.subnet {
+                Some(s) => s,
+                None => ipam::first_free_subnet(existing.iter().map(|n| n.network.subnet))
+                    .ok_or_else(|| {
+                        Error::conflict("no free /24 left in 10.0.0.0/8: give --subnet")
+                    })?,
+            };
+            let pool = AddressPool::new(subnet, req.gateway, req.ip_range)?;
+            if let Some(o) = existing
+                .iter()
+                .find(|n| ipam::overlaps(n.network.subnet, pool.subnet))
+            {
+                return Err(Error::SubnetOverlap {
+                    subnet: pool.subnet,
+                    other: o.network.name.clone(),
+                    other_subnet: o.network.subnet,
+                });
+            }
+            let used: HashSet<u32> = existing.iter().map(|n| n.network.vni).collect();
+            let vni = match req.vni {
+                Some(v) => {
+                    if let Some(o) = existing.iter().find(|n| n.network.vni == v) {
+                        return Err(Error::VniInUse(v, o.network.name.clone()));
+                    }
+                    v
+                }
+                None => ipam::next_free_vni(&used)
+                    .ok_or(Error::VnisExhausted(ipam::VNI_MIN, ipam::VNI_MAX))?,
+            };
+            let network = Network {
+                id: Id::random(),
+                name: req.name.clone(),
+                driver: driver.clone(),
+                subnet: pool.subnet,
+                gateway: pool.gateway,
+                ip_range: req.ip_range,
+                vni,
+                mtu: req.mtu,
+                labels: req.labels.clone(),
+                created: model::now_rfc3339(),
+                created_by: self.node_id.clone(),
+            };
+            let name_key = self.keys.network_name(&network.name);
+            let vni_key = self.keys.vni(vni);
+            let outcome = self
+                .store
+                .txn(
+                    vec![
+                        Compare::PrefixUnchangedSince(self.keys.networks(), read_rev),
+                        Compare::Absent(name_key.clone()),
+                        Compare::Absent(vni_key.clone()),
+                    ],
+                    vec![
+                        Op::put(self.keys.network(&network.id), to_json(&network)),
+                        Op::put(name_key.clone(), network.id.as_str()),
+                        Op::put(vni_key.clone(), network.id.as_str()),
+                    ],
+                    vec![Op::Get(name_key), Op::Get(vni_key)],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(Written {
+                    value: network,
+                    revision: outcome.revision,
+                });
+            }
+            // Someone else wrote first. A name or an explicit VNI taken by them is final;
+            // anything else (another network added) means re-read and check again.
+            if outcome.gets.first().is_some_and(|g| g.is_some()) {
+                return Err(Error::NetworkNameInUse(req.name));
+            }
+            if let (Some(v), Some(Some(kv))) = (req.vni, outcome.gets.get(1)) {
+                return Err(Error::VniInUse(
+                    v,
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                ));
+            }
+        }
+        Err(Error::Contention(format!("network create {}", req.name)))
+    }
+
+    /// Removes a network, refusing while any endpoint (on any host) is attached. The
+    /// transaction compares the endpoint prefix as empty, so an attach racing the removal
+    /// either lands first (and the removal fails) or finds the network gone.
+    pub async fn remove_network(&self, reference: &str) -> Result<Written<Network>, Error> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (networks, _) = self.read_networks().await?;
+            let stored = resolve(&networks, reference)?.clone();
+            let net = &stored.network;
+            let endpoints_prefix = self.keys.endpoints(&net.id);
+            let outcome = self
+                .store
+                .txn(
+                    vec![
+                        Compare::ModRevision(self.keys.network(&net.id), stored.mod_revision),
+                        Compare::PrefixEmpty(endpoints_prefix.clone()),
+                    ],
+                    vec![
+                        Op::Delete(self.keys.network(&net.id)),
+                        Op::Delete(self.keys.network_name(&net.name)),
+                        Op::Delete(self.keys.vni(net.vni)),
+                        Op::DeletePrefix(self.keys.ipam(&net.id)),
+                    ],
+                    vec![],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(Written {
+                    value: stored.network,
+                    revision: outcome.revision,
+                });
+            }
+            let endpoints = self.read_endpoints(&net.id).await?;
+            if !endpoints.is_empty() {
+                let list = endpoints
+                    .iter()
+                    .take(5)
+                    .map(|e| format!("{} {}", e.name, e.ip))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(Error::NetworkInUse {
+                    name: net.name.clone(),
+                    count: endpoints.len(),
+                    list: if endpoints.len() > 5 {
+                        format!("{list}, ...")
+                    } else {
+                        list
+                    },
+                });
+            }
+        }
+        Err(Error::Contention(format!("network rm {reference}")))
+    }
+
+    /// The endpoints of one network, read from the store.
+    pub async fn read_endpoints(&self, net: &NetworkId) -> Result<Vec<Endpoint>, Error> {
+        let listing = self.store.list(&self.keys.endpoints(net)).await?;
+        listing.kvs.iter().map(parse_json).collect()
+    }
+
+    /// Attaches a new endpoint of this node to a network, claiming an address. The address
+    /// key is created only if absent, so two hosts can never both hold one address.
+    pub async fn create_endpoint(
+        &self,
+        network: &StoredNetwork,
+        req: EndpointCreate,
+    ) -> Result<Written<Endpoint>, Error> {
+        let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
+        let net = &network.network;
+        let pool = AddressPool::new(net.subnet, Some(net.gateway), net.ip_range)?;
+        if let Some(name) = &req.name {
+            validate_name("endpoint", name)?;
+        }
+        if let Some(ip) = req.ip {
+            pool.check_requested(ip)?;
+        }
+        let id = Id::random();
+        let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
+        let net_key = self.keys.network(&net.id);
+
+        let mut taken = HashSet::new();
+        let mut cursor = None;
+        let mut fresh = false;
+        for _ in 0..MAX_ATTEMPTS {
+            if !fresh && req.ip.is_none() {
+                (taken, cursor) = self.read_addresses(&net.id).await?;
+                fresh = true;
+            }
+            let ip = match req.ip {
+                Some(ip) => ip,
+                None => {
+                    let mut busy = taken.clone();
+                    if let Ok(set) = self.in_flight.lock() {
+                        busy.extend(set.iter().filter(|(n, _)| n == &net.id).map(|(_, ip)| *ip));
+                    }
+                    match pool.next_free(&busy, cursor) {
+                        Some(ip) => ip,
+                        None if busy.len() > taken.len() => {
+                            // Only our own in-flight claims are in the way: they may fail.
+                            tokio::task::yield_now().await;
+                            fresh = false;
+                            continue;
+                        }
+                        None => {
+                            return Err(Error::SubnetExhausted {
+                                network: net.name.clone(),
+                                range: pool.range,
+                                capacity: pool.dynamic_capacity(),
+                            })
+                        }
+                    }
+                }
+            };
+            let _reservation = self.reserve(&net.id, ip);
+            let endpoint = Endpoint {
+                id: id.clone(),
+                network_id: net.id.clone(),
+                name: name.clone(),
+                node_id: self.node_id.clone(),
+                ip,
+                mac: Mac::from_ipv4(ip),
+                created: model::now_rfc3339(),
+            };
+            let addr_key = self.keys.addr(&net.id, ip);
+            let outcome = self
+                .store
+                .txn(
+                    vec![
+                        Compare::CreateRevision(net_key.clone(), network.create_revision),
+                        Compare::Absent(addr_key.clone()),
+                    ],
+                    vec![
+                        Op::put_leased(addr_key.clone(), id.as_str(), lease),
+                        Op::put_leased(self.keys.endpoint(&net.id, &id), to_json(&endpoint), lease),
+                        Op::put(self.keys.cursor(&net.id), ip.to_string()),
+                    ],
+                    vec![Op::Get(net_key.clone()), Op::Get(addr_key)],
+                )
+                .await
+                .map_err(|e| match e {
+                    StoreError::LeaseNotFound(_) => Error::NotRegistered,
+                    e => Error::Store(e),
+                })?;
+            if outcome.succeeded {
+                return Ok(Written {
+                    value: endpoint,
+                    revision: outcome.revision,
+                });
+            }
+            match (outcome.gets.first(), outcome.gets.get(1)) {
+                (Some(Some(kv)), _) if kv.create_revision == network.create_revision => {}
+                _ => return Err(Error::NetworkNotFound(net.name.clone())),
+            }
+            if req.ip.is_some() {
+                return Err(Error::AddressInUse {
+                    ip,
+                    network: net.name.clone(),
+                });
+            }
+            // Another host took this address first: skip it and try the next one.
+            taken.insert(ip);
+            cursor = Some(ip);
+        }
+        Err(Error::Contention(format!(
+            "address allocation on {}",
+            net.name
+        )))
+    }
+
+    fn reserve(&self, net: &NetworkId, ip: Ipv4Addr) -> Reservation<'_> {
+        let key = (net.clone(), ip);
+        if let Ok(mut set) = self.in_flight.lock() {
+            set.insert(key.clone());
+        }
+        Reservation {
+            set: &self.in_flight,
+            key,
+        }
+    }
+
+    /// The addresses claimed in a network and the allocation cursor.
+    async fn read_addresses(
+        &self,
+        net: &NetworkId,
+    ) -> Result<(HashSet<Ipv4Addr>, Option<Ipv4Addr>), Error> {
+        let listing = self.store.list(&self.keys.ipam(net)).await?;
+        let addrs_prefix = self.keys.addrs(net);
+        let cursor_key = self.keys.cursor(net);
+        let mut taken = HashSet::with_capacity(listing.kvs.len());
+        let mut cursor = None;
+        for kv in &listing.kvs {
+            if let Some(ip) = kv.key.strip_prefix(&addrs_prefix) {
+                if let Ok(ip) = ip.parse() {
+                    taken.insert(ip);
+                }
+            } else if kv.key == cursor_key {
+                cursor = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok());
+            }
+        }
+        Ok((taken, cursor))
+    }
+
+    /// Deletes an endpoint and releases its address, atomically.
+    pub async fn delete_endpoint(
+        &self,
+        net: &NetworkId,
+        id: &model::EndpointId,
+    ) -> Result<Written<Endpoint>, Error> {
+        let key = self.keys.endpoint(net, id);
+        for _ in 0..MAX_ATTEMPTS {
+            let kv = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| Error::EndpointNotFound(id.to_string()))?;
+            let endpoint: Endpoint = parse_json(&kv)?;
+            let outcome = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    vec![
+                        Op::Delete(key.clone()),
+                        Op::Delete(self.keys.addr(net, endpoint.ip)),
+                    ],
+                    vec![],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(Written {
+                    value: endpoint,
+                    revision: outcome.revision,
+                });
+            }
+        }
+        Err(Error::Contention(format!("endpoint delete {id}")))
+    }
+}

@@ -1,0 +1,157 @@
+//! The per-host agent: wires the store, the membership, the watch-fed view and the API
+//! together, and runs until SIGINT/SIGTERM.
+//!
+//! A clean stop leaves the node's lease to run out rather than revoking it: containers keep
+//! running while the daemon is away, and a daemon back within the TTL picks the lease up again.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+
+use crate::api::server::{router, ApiState};
+use crate::cluster::Cluster;
+use crate::model::{self, Node};
+use crate::node::{load_or_create_node_id, spawn_membership};
+use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::store::{Keys, Store, StoreError};
+use crate::view::spawn_watcher;
+
+/// Everything `vxnet daemon` is configured with.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub cluster_store: String,
+    pub advertise_addr: IpAddr,
+    pub advertise_port: Option<u16>,
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub socket: PathBuf,
+    pub store_prefix: String,
+    pub lease_ttl: Duration,
+    pub etcd_user: Option<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another vxnet daemon already uses state directory {0}: give each daemon its own --state-dir")]
+    StateDirLocked(PathBuf),
+    #[error("socket {0} is in use by a running daemon: give each daemon its own --socket")]
+    SocketInUse(PathBuf),
+    #[error("invalid --cluster-advertise {0:?}: use IP or IP:PORT (an address of this host)")]
+    InvalidAdvertise(String),
+    #[error("--lease-ttl must be between 2 s and 3600 s, not {0:?}")]
+    InvalidTtl(Duration),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Parses `IP` or `IP:PORT` (IPv6 as `[::1]:PORT`).
+pub fn parse_advertise(s: &str) -> Result<(IpAddr, Option<u16>), DaemonError> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    Err(DaemonError::InvalidAdvertise(s.to_string()))
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    config: DaemonConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    if config.lease_ttl < Duration::from_secs(2) || config.lease_ttl > Duration::from_secs(3600) {
+        return Err(DaemonError::InvalidTtl(config.lease_ttl));
+    }
+    for dir in [&config.state_dir, &config.run_dir] {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let lock_path = config.state_dir.join("daemon.lock");
+    let lock_file = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::StateDirLocked(config.state_dir.clone()))?;
+
+    let mut etcd = EtcdConfig::from_cluster_store(&config.cluster_store)?;
+    etcd.user = config.etcd_user.clone();
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd).await?);
+    let keys = Keys::new(&config.store_prefix);
+    let node_id = load_or_create_node_id(&config.state_dir).map_err(io_err(&config.state_dir))?;
+    let node = Node {
+        id: node_id.clone(),
+        name: config.node_name.clone(),
+        advertise_addr: config.advertise_addr,
+        advertise_port: config.advertise_port,
+        started: model::now_rfc3339(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+
+    let listener = bind_socket(&config.socket).await?;
+    let membership = spawn_membership(
+        store.clone(),
+        keys.clone(),
+        node.clone(),
+        config.lease_ttl,
+        config.state_dir.clone(),
+    );
+    let view = spawn_watcher(store.clone(), keys.clone());
+    let cluster = Arc::new(Cluster::new(
+        store.clone(),
+        keys,
+        node_id,
+        membership.clone(),
+    ));
+    let app = router(Arc::new(ApiState {
+        cluster,
+        view,
+        membership,
+        node,
+    }));
+    tracing::info!(
+        socket = %config.socket.display(),
+        store = %store.describe(),
+        advertise = %config.advertise_addr,
+        "vxnet daemon serving"
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    served.map_err(io_err(&config.socket))?;
+    tracing::info!("vxnet daemon stopped");
+    Ok(())
+}
+
+/// Binds the API socket, root-only (0660). A stale socket file from a crashed daemon is
+/// replaced; a live one is an error.
+async fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(DaemonError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err(path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(path))?;
+    Ok(listener)
+}

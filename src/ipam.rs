@@ -1,0 +1,287 @@
+//! Address and VNI arithmetic: which subnets, gateways, ranges and VNIs are valid, and which
+//! address or VNI to try next. Pure functions; `cluster.rs` turns their answers into etcd
+//! transactions, which are what make an allocation unique across hosts.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::error::Error;
+
+/// VNIs handed out when the user gives none (0..255 are left for hand-made overlays).
+pub const VNI_MIN: u32 = 256;
+/// The largest 24-bit VNI.
+pub const VNI_MAX: u32 = 16_777_215;
+
+/// The addresses a network can hand out.
+#[derive(Clone, Debug)]
+pub struct AddressPool {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Where dynamic allocation picks from (the subnet when no `--ip-range` was given).
+    pub range: Ipv4Net,
+}
+
+/// Checks a subnet as given by the user: at most a /30 (two usable addresses besides the
+/// gateway need a /29, but a /30 still holds a gateway and one container), host bits zero.
+pub fn validate_subnet(subnet: Ipv4Net) -> Result<(), Error> {
+    if subnet.prefix_len() > 30 {
+        return Err(Error::invalid(format!(
+            "subnet {subnet} is too small: use a prefix of /30 or shorter"
+        )));
+    }
+    if subnet.network() != subnet.addr() {
+        return Err(Error::invalid(format!(
+            "subnet {subnet} has host bits set: did you mean {}?",
+            subnet.trunc()
+        )));
+    }
+    Ok(())
+}
+
+impl AddressPool {
+    /// Validates the user's choices and fills in the defaults (gateway = first host address).
+    pub fn new(
+        subnet: Ipv4Net,
+        gateway: Option<Ipv4Addr>,
+        ip_range: Option<Ipv4Net>,
+    ) -> Result<Self, Error> {
+        validate_subnet(subnet)?;
+        let gateway = match gateway {
+            Some(gw) => {
+                if !is_host_address(subnet, gw) {
+                    return Err(Error::invalid(format!(
+                        "gateway {gw} is not a usable address of subnet {subnet} \
+                         (it must be inside the subnet and not its network or broadcast address)"
+                    )));
+                }
+                gw
+            }
+            None => first_host(subnet),
+        };
+        let range = match ip_range {
+            Some(r) => {
+                if r.network() != r.addr() {
+                    return Err(Error::invalid(format!(
+                        "ip-range {r} has host bits set: did you mean {}?",
+                        r.trunc()
+                    )));
+                }
+                if !subnet.contains(&r) {
+                    return Err(Error::invalid(format!(
+                        "ip-range {r} is not inside subnet {subnet}"
+                    )));
+                }
+                r
+            }
+            None => subnet,
+        };
+        let pool = AddressPool {
+            subnet,
+            gateway,
+            range,
+        };
+        if pool.dynamic_capacity() == 0 {
+            return Err(Error::invalid(format!(
+                "ip-range {range} leaves no address to hand out in {subnet} \
+                 (network, broadcast and gateway {gateway} are reserved)"
+            )));
+        }
+        Ok(pool)
+    }
+
+    /// Whether `ip` may be given to an endpoint that asked for it by name (`--ip`): any host
+    /// address of the subnet except the gateway, inside or outside the dynamic range.
+    pub fn check_requested(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        if !self.subnet.contains(&ip) {
+            return Err(Error::invalid(format!(
+                "address {ip} is not in the network's subnet {}",
+                self.subnet
+            )));
+        }
+        if ip == self.gateway {
+            return Err(Error::conflict(format!(
+                "address {ip} is the network's gateway"
+            )));
+        }
+        if !is_host_address(self.subnet, ip) {
+            return Err(Error::invalid(format!(
+                "address {ip} is the network or broadcast address of {}",
+                self.subnet
+            )));
+        }
+        Ok(())
+    }
+
+    fn dynamic_candidates(&self) -> impl Iterator<Item = u32> + '_ {
+        let lo = u32::from(self.range.network());
+        let hi = u32::from(self.range.broadcast());
+        (lo..=hi).filter(move |&a| {
+            let ip = Ipv4Addr::from(a);
+            ip != self.gateway && is_host_address(self.subnet, ip)
+        })
+    }
+
+    /// How many addresses dynamic allocation can hand out in all.
+    pub fn dynamic_capacity(&self) -> usize {
+        self.dynamic_candidates().count()
+    }
+
+    /// The next free address after `cursor` (the last one handed out), wrapping around once.
+    /// Starting after the cursor rather than at the bottom is what keeps a just-released
+    /// address from being handed out again at once.
+    pub fn next_free(
+        &self,
+        taken: &HashSet<Ipv4Addr>,
+        cursor: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let lo = u32::from(self.range.network());
+        let hi = u32::from(self.range.broadcast());
+        let start = match cursor.map(u32::from) {
+            Some(c) if c >= lo && c < hi => c + 1,
+            _ => lo,
+        };
+        let usable = |a: u32| {
+            let ip = Ipv4Addr::from(a);
+            ip != self.gateway && is_host_address(self.subnet, ip) && !taken.contains(&ip)
+        };
+        (start..=hi)
+            .chain(lo..start)
+            .find(|&a| usable(a))
+            .map(Ipv4Addr::from)
+    }
+}
+
+fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// Inside the subnet and neither its network nor its broadcast address.
+fn is_host_address(subnet: Ipv4Net, ip: Ipv4Addr) -> bool {
+    subnet.contains(&ip) && ip != subnet.network() && ip != subnet.broadcast()
+}
+
+/// Two subnets overlap when either contains the other's network address.
+pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The first /24 of 10.0.0.0/8 that overlaps none of `used` (Docker's default pool).
+pub fn first_free_subnet(used: impl Iterator<Item = Ipv4Net> + Clone) -> Option<Ipv4Net> {
+    (0u32..65_536)
+        .map(|i| Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | (i << 8)), 24).expect("/24 is valid"))
+        .find(|c| !used.clone().any(|u| overlaps(u, *c)))
+}
+
+/// Checks a user-given VNI.
+pub fn validate_vni(vni: u32) -> Result<(), Error> {
+    if vni == 0 || vni > VNI_MAX {
+        return Err(Error::invalid(format!(
+            "VNI {vni} is out of range: use 1..{VNI_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+/// The lowest VNI from `VNI_MIN` up that is not in `used`.
+pub fn next_free_vni(used: &HashSet<u32>) -> Option<u32> {
+    (VNI_MIN..=VNI_MAX).find(|v| !used.contains(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_gateway_is_first_host_and_allocation_skips_reserved() {
+        let pool = AddressPool::new(net("10.0.4.0/24"), None, None).unwrap();
+        assert_eq!(pool.gateway, ip("10.0.4.1"));
+        assert_eq!(pool.dynamic_capacity(), 253);
+        let taken = HashSet::new();
+        assert_eq!(pool.next_free(&taken, None), Some(ip("10.0.4.2")));
+        // After the last address the search wraps, skipping the broadcast and network address.
+        assert_eq!(
+            pool.next_free(&taken, Some(ip("10.0.4.254"))),
+            Some(ip("10.0.4.2"))
+        );
+    }
+
+    #[test]
+    fn released_addresses_are_not_reused_at_once() {
+        let pool = AddressPool::new(net("10.0.4.0/29"), None, None).unwrap();
+        let mut taken: HashSet<_> = [ip("10.0.4.2"), ip("10.0.4.4")].into();
+        // .3 was handed out and released; the cursor still points at it.
+        assert_eq!(
+            pool.next_free(&taken, Some(ip("10.0.4.3"))),
+            Some(ip("10.0.4.5"))
+        );
+        taken.extend([ip("10.0.4.5"), ip("10.0.4.6")]);
+        assert_eq!(
+            pool.next_free(&taken, Some(ip("10.0.4.6"))),
+            Some(ip("10.0.4.3"))
+        );
+        taken.insert(ip("10.0.4.3"));
+        assert_eq!(pool.next_free(&taken, Some(ip("10.0.4.3"))), None);
+    }
+
+    #[test]
+    fn ip_range_limits_dynamic_allocation_only() {
+        let pool = AddressPool::new(
+            net("10.0.0.0/16"),
+            Some(ip("10.0.0.1")),
+            Some(net("10.0.9.0/30")),
+        )
+        .unwrap();
+        assert_eq!(pool.dynamic_capacity(), 4);
+        assert_eq!(pool.next_free(&HashSet::new(), None), Some(ip("10.0.9.0")));
+        pool.check_requested(ip("10.0.200.7")).unwrap();
+    }
+
+    #[test]
+    fn bad_pools_are_refused_with_reasons() {
+        let e = AddressPool::new(net("10.0.4.0/24"), Some(ip("10.0.5.1")), None).unwrap_err();
+        assert!(e.to_string().contains("gateway 10.0.5.1"), "{e}");
+        let e = AddressPool::new(net("10.0.4.0/24"), Some(ip("10.0.4.255")), None).unwrap_err();
+        assert!(e.to_string().contains("broadcast"), "{e}");
+        let e = AddressPool::new(net("10.0.4.0/24"), None, Some(net("10.0.5.0/28"))).unwrap_err();
+        assert!(e.to_string().contains("not inside subnet"), "{e}");
+        let e = AddressPool::new(net("10.0.4.5/24"), None, None).unwrap_err();
+        assert!(e.to_string().contains("10.0.4.0/24"), "{e}");
+        assert!(AddressPool::new(net("10.0.4.0/31"), None, None).is_err());
+        let e = AddressPool::new(net("10.0.4.0/30"), None, Some(net("10.0.4.0/31"))).unwrap_err();
+        assert!(e.to_string().contains("leaves no address"), "{e}");
+    }
+
+    #[test]
+    fn requested_addresses_are_checked() {
+        let pool = AddressPool::new(net("10.0.4.0/24"), None, None).unwrap();
+        assert!(pool.check_requested(ip("10.0.4.9")).is_ok());
+        assert!(pool.check_requested(ip("10.0.5.9")).is_err());
+        assert!(pool.check_requested(ip("10.0.4.1")).is_err());
+        assert!(pool.check_requested(ip("10.0.4.0")).is_err());
+        assert!(pool.check_requested(ip("10.0.4.255")).is_err());
+    }
+
+    #[test]
+    fn overlap_and_vni() {
+        assert!(overlaps(net("10.0.4.0/24"), net("10.0.4.128/25")));
+        assert!(overlaps(net("10.0.0.0/8"), net("10.0.4.0/24")));
+        assert!(!overlaps(net("10.0.4.0/24"), net("10.0.5.0/24")));
+        assert!(validate_vni(0).is_err());
+        assert!(validate_vni(VNI_MAX + 1).is_err());
+        assert_eq!(next_free_vni(&[256, 257, 259].into()), Some(258));
+        let used = [net("10.0.0.0/23"), net("10.0.3.0/24")];
+        assert_eq!(
+            first_free_subnet(used.iter().copied()),
+            Some(net("10.0.2.0/24"))
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! An etcd server started from the installed `etcd` binary inside a lab namespace.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use super::process::ChildGuard;
+use super::LabError;
+use crate::netns::NetNs;
+
+pub const CLIENT_PORT: u16 = 2379;
+pub const PEER_PORT: u16 = 2380;
+
+/// Finds a program on PATH.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A running single-member etcd, stopped by PID on drop.
+#[derive(Debug)]
+pub struct EtcdServer {
+    process: ChildGuard,
+    addr: Ipv4Addr,
+    etcdctl: Option<PathBuf>,
+}
+
+impl EtcdServer {
+    /// Starts etcd listening on `addr` inside `ns`, with its data in `dir`, and waits until
+    /// it accepts connections.
+    pub fn start(
+        ns: &NetNs,
+        addr: Ipv4Addr,
+        dir: &Path,
+        die_with_parent: bool,
+    ) -> Result<Self, LabError> {
+        let etcd = find_program("etcd").ok_or(LabError::MissingProgram {
+            program: "etcd",
+            package: "etcd-server",
+        })?;
+        std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
+        let client = format!("http://{addr}:{CLIENT_PORT}");
+        let peer = format!("http://{addr}:{PEER_PORT}");
+        let mut cmd = Command::new(etcd);
+        cmd.arg("--name")
+            .arg("etcd0")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("etcd0={peer}"))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            // Docker 20.10's legacy cluster store speaks etcd's v2 API.
+            .arg("--enable-v2=true");
+        ns.command(&mut cmd).map_err(|e| LabError::io(dir, e))?;
+        let log = dir.join("etcd.log");
+        let process = ChildGuard::spawn("etcd", cmd, &log, die_with_parent)
+            .map_err(|e| LabError::io(&log, e))?;
+        let mut server = EtcdServer {
+            process,
+            addr,
+            etcdctl: find_program("etcdctl"),
+        };
+        server.wait_ready(ns, Duration::from_secs(15))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, ns: &NetNs, limit: Duration) -> Result<(), LabError> {
+        let started = Instant::now();
+        let target = SocketAddr::from((self.addr, CLIENT_PORT));
+        loop {
+            if let Some(status) = self.process.exited() {
+                return Err(LabError::ProcessFailed {
+                    what: "etcd".into(),
+                    detail: format!("exited with {status}:\n{}", self.process.log_tail(15)),
+                });
+            }
+            let up = ns
+                .run(|| TcpStream::connect_timeout(&target, Duration::from_millis(200)).map(|_| ()))
+                .is_ok();
+            if up {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                return Err(LabError::ProcessFailed {
+                    what: "etcd".into(),
+                    detail: format!(
+                        "not accepting connections on {target} after {limit:?}:\n{}",
+                        self.process.log_tail(15)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `etcd://ADDR:2379`, as daemons take it.
+    pub fn cluster_store_url(&self) -> String {
+        format!("etcd://{}:{CLIENT_PORT}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Runs `etcdctl` (an independent client) against this server from inside `ns`.
+    pub fn etcdctl(&self, ns: &NetNs, args: &[&str]) -> Result<Output, LabError> {
+        let bin = self.etcdctl.clone().ok_or(LabError::MissingProgram {
+            program: "etcdctl",
+            package: "etcd-client",
+        })?;
+        let mut cmd = Command::new(bin);
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(format!("http://{}:{CLIENT_PORT}", self.addr))
+            .args(args);
+        ns.command(&mut cmd)
+            .map_err(|e| LabError::io(Path::new("etcdctl"), e))?;
+        cmd.output()
+            .map_err(|e| LabError::io(Path::new("etcdctl"), e))
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,17 @@
+//! vxnet: multi-host container networking over kernel VXLAN, with etcd as the cluster store.
+//!
+//! docs/architecture.md is the map; each module's doc comment says what it owns.
+
+pub mod api;
+pub mod cli;
+pub mod cluster;
+pub mod daemon;
+pub mod error;
+pub mod format;
+pub mod ipam;
+pub mod lab;
+pub mod model;
+pub mod netns;
+pub mod node;
+pub mod store;
+pub mod view;

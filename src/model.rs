@@ -1,0 +1,258 @@
+//! The cluster's records: what is stored in etcd and shown by the API.
+//!
+//! These are plain serde types shared by the store layer, the daemon, the API and the CLI.
+//! Field names are stable: they are the JSON stored in etcd and returned by the API.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// A 64-hex-character random identifier, Docker style (shown shortened to 12).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Id(String);
+
+impl Id {
+    pub const LEN: usize = 64;
+    pub const SHORT_LEN: usize = 12;
+
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        Id(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 12-character form `network ls` shows.
+    pub fn short(&self) -> &str {
+        &self.0[..Self::SHORT_LEN.min(self.0.len())]
+    }
+
+    /// True for a full 64-hex ID or a prefix of one (at least 1 hex char), as Docker accepts.
+    pub fn looks_like_prefix(s: &str) -> bool {
+        !s.is_empty() && s.len() <= Self::LEN && s.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+}
+
+impl FromStr for Id {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == Self::LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Id(s.to_string()))
+        } else {
+            Err(format!("{s:?} is not a 64-character lowercase hex ID"))
+        }
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Id({})", self.short())
+    }
+}
+
+pub type NetworkId = Id;
+pub type EndpointId = Id;
+pub type NodeId = Id;
+
+/// A 48-bit Ethernet address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Docker's rule: 02:42 followed by the four bytes of the IPv4 address. Deriving the MAC
+    /// from the IP means a reused address comes back with the same MAC, so a peer holding a
+    /// stale ARP entry for that IP still reaches the right container.
+    pub fn from_ipv4(ip: Ipv4Addr) -> Self {
+        let o = ip.octets();
+        Mac([0x02, 0x42, o[0], o[1], o[2], o[3]])
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+            if part.len() != 2 {
+                return Err(format!("{s:?} is not a MAC address"));
+            }
+            *byte =
+                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The only driver today; kept as a field so `network ls` reads like Docker's.
+pub const DRIVER_OVERLAY: &str = "overlay";
+/// vxnet networks exist on every host of the cluster.
+pub const SCOPE_GLOBAL: &str = "global";
+
+/// A global overlay network, as stored under `networks/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: NetworkId,
+    pub name: String,
+    pub driver: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Dynamic allocation is limited to this range (inside `subnet`) when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<Ipv4Net>,
+    pub vni: u32,
+    /// Overlay MTU when the user fixed it; otherwise each host uses its underlay MTU - 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// The node whose daemon created it (for `inspect`; not used for ownership).
+    pub created_by: NodeId,
+}
+
+/// A container's attachment to a network, as stored under `endpoints/<network>/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: EndpointId,
+    pub network_id: NetworkId,
+    /// A user-facing name (the container name), unique per network only by convention.
+    pub name: String,
+    pub node_id: NodeId,
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    pub created: String,
+}
+
+/// A host running a vxnet daemon, as stored under `nodes/<id>` with the node's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub name: String,
+    /// The address peers use to reach this host: the VXLAN tunnel endpoint.
+    pub advertise_addr: IpAddr,
+    /// The port given with `--cluster-advertise IP:PORT`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_port: Option<u16>,
+    pub started: String,
+    pub version: String,
+}
+
+/// The current time as RFC 3339 UTC with microseconds.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339_from_unix(now.as_secs() as i64, now.subsec_micros())
+}
+
+fn rfc3339_from_unix(secs: i64, micros: u32) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm), so no date crate is needed for one format.
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_derived_from_ip_like_docker() {
+        let mac = Mac::from_ipv4("10.0.4.2".parse().unwrap());
+        assert_eq!(mac.to_string(), "02:42:0a:00:04:02");
+        assert_eq!("02:42:0a:00:04:02".parse::<Mac>().unwrap(), mac);
+        assert!("02:42:0a:00:04".parse::<Mac>().is_err());
+        assert!("02:42:0a:00:04:02:01".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn ids_are_64_hex_and_shorten_to_12() {
+        let id = Id::random();
+        assert_eq!(id.as_str().len(), 64);
+        assert_eq!(id.short().len(), 12);
+        assert!(id.as_str().parse::<Id>().is_ok());
+        assert!("xyz".parse::<Id>().is_err());
+        assert_ne!(Id::random(), Id::random());
+    }
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339_from_unix(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339_from_unix(1_795_000_000, 5),
+            "2026-11-18T11:06:40.000005Z"
+        );
+        assert_eq!(
+            rfc3339_from_unix(951_782_400, 0),
+            "2000-02-29T00:00:00.000000Z"
+        );
+    }
+}

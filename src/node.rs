@@ -1,0 +1,186 @@
+//! This host's membership in the cluster: a stable node ID kept in the state directory, and a
+//! node key held alive by an etcd lease. Endpoints are written with the same lease, so when
+//! a host dies and stops refreshing it, etcd removes its endpoints and addresses by itself.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::cluster::LeaseSource;
+use crate::model::{Id, Node, NodeId};
+use crate::store::Keys;
+use crate::store::{LeaseId, Op, Store, StoreError};
+
+const NODE_ID_FILE: &str = "node-id";
+const LEASE_FILE: &str = "lease";
+
+/// Reads this host's node ID from the state directory, creating it on first start.
+pub fn load_or_create_node_id(state_dir: &Path) -> io::Result<NodeId> {
+    let path = state_dir.join(NODE_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|e: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: {e}; remove the file to get a new node ID",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = Id::random();
+            write_atomically(&path, id.as_str().as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a file by write-to-temporary + fsync + rename, so a crash leaves the old or the
+/// new content, never half of one.
+pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)
+}
+
+/// The lease this node currently holds, shared with the cluster operations.
+pub struct Membership {
+    lease: RwLock<Option<LeaseId>>,
+    registered: watch::Sender<bool>,
+}
+
+impl LeaseSource for Membership {
+    fn current_lease(&self) -> Option<LeaseId> {
+        self.lease.read().ok().and_then(|l| *l)
+    }
+}
+
+impl Membership {
+    /// Waits until the node is registered, up to `limit`.
+    pub async fn wait_registered(&self, limit: Duration) -> bool {
+        let mut rx = self.registered.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn set(&self, lease: Option<LeaseId>) {
+        if let Ok(mut l) = self.lease.write() {
+            *l = lease;
+        }
+        self.registered.send_replace(lease.is_some());
+    }
+}
+
+/// Registers the node and keeps its lease alive, for as long as the runtime runs.
+pub fn spawn_membership(
+    store: Arc<dyn Store>,
+    keys: Keys,
+    node: Node,
+    ttl: Duration,
+    state_dir: PathBuf,
+) -> Arc<Membership> {
+    let (registered, _) = watch::channel(false);
+    let membership = Arc::new(Membership {
+        lease: RwLock::new(None),
+        registered,
+    });
+    tokio::spawn(keep_membership(
+        store,
+        keys,
+        node,
+        ttl,
+        state_dir,
+        membership.clone(),
+    ));
+    membership
+}
+
+async fn keep_membership(
+    store: Arc<dyn Store>,
+    keys: Keys,
+    node: Node,
+    ttl: Duration,
+    state_dir: PathBuf,
+    membership: Arc<Membership>,
+) {
+    let lease_path = state_dir.join(LEASE_FILE);
+    let refresh_every = ttl / 3;
+    loop {
+        let lease = match register(&*store, &keys, &node, ttl, &lease_path).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        membership.set(Some(lease));
+        tracing::info!(node = %node.id.short(), lease = format!("{lease:x}"), "registered in the cluster store");
+        loop {
+            tokio::time::sleep(refresh_every).await;
+            match store.keep_alive_once(lease).await {
+                Ok(_) => {}
+                Err(StoreError::LeaseNotFound(_)) => {
+                    tracing::warn!(
+                        lease = format!("{lease:x}"),
+                        "node lease expired; registering again"
+                    );
+                    membership.set(None);
+                    break;
+                }
+                // The lease survives while etcd is away (etcd extends leases across leader
+                // changes and restarts); keep trying on the same lease.
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the node lease"),
+            }
+        }
+    }
+}
+
+/// Reuses the lease of a previous run if it is still alive (a restart within the TTL keeps
+/// every endpoint in place), otherwise grants a new one; then writes the node key with it.
+async fn register(
+    store: &dyn Store,
+    keys: &Keys,
+    node: &Node,
+    ttl: Duration,
+    lease_path: &Path,
+) -> Result<LeaseId, StoreError> {
+    let previous = fs::read_to_string(lease_path)
+        .ok()
+        .and_then(|s| i64::from_str_radix(s.trim(), 16).ok());
+    let mut lease = None;
+    if let Some(old) = previous {
+        if store.lease_ttl(old).await?.is_some() && store.keep_alive_once(old).await.is_ok() {
+            lease = Some(old);
+        }
+    }
+    let lease = match lease {
+        Some(l) => l,
+        None => {
+            let l = store.grant_lease(ttl).await?;
+            if let Err(e) = write_atomically(lease_path, format!("{l:x}").as_bytes()) {
+                tracing::warn!(error = %e, path = %lease_path.display(), "cannot save the lease ID");
+            }
+            l
+        }
+    };
+    let value = serde_json::to_vec(node).unwrap_or_default();
+    store
+        .txn(
+            vec![],
+            vec![Op::put_leased(keys.node(&node.id), value, lease)],
+            vec![],
+        )
+        .await?;
+    Ok(lease)
+}

@@ -1,0 +1,254 @@
+//! The daemon's in-memory view of the cluster, kept current by one prefix watch.
+//!
+//! The watcher lists the prefix once, then watches from the list's revision + 1. When the
+//! watch breaks it resumes from the last revision it applied; when that revision has been
+//! compacted away it re-lists (flannel does the same). It never polls.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::cluster::StoredNetwork;
+use crate::error::Error;
+use crate::model::{Endpoint, EndpointId, NetworkId, Node, NodeId};
+use crate::store::keys::KeyKind;
+use crate::store::{KeyValue, Keys, Store, StoreError, WatchEvent};
+
+/// What the daemon knows of the cluster at one store revision.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterView {
+    pub networks: BTreeMap<NetworkId, StoredNetwork>,
+    /// Endpoints by network, then by endpoint ID.
+    pub endpoints: BTreeMap<NetworkId, BTreeMap<EndpointId, Endpoint>>,
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// The store revision this view reflects (0 until the first list).
+    pub revision: i64,
+}
+
+impl ClusterView {
+    /// Builds a view from a full listing of the prefix.
+    pub fn from_kvs(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Self {
+        let mut view = ClusterView::default();
+        for kv in kvs {
+            view.put(keys, kv);
+        }
+        view.revision = revision;
+        view
+    }
+
+    /// Applies one watch event. Records that do not parse are skipped with a warning: a
+    /// stray or newer-format key must not stop the daemon.
+    pub fn apply(&mut self, keys: &Keys, event: &WatchEvent) {
+        match event {
+            WatchEvent::Put(kv) => self.put(keys, kv),
+            WatchEvent::Delete { key, .. } => match keys.classify(key) {
+                KeyKind::Node(id) => {
+                    self.nodes.remove(&id);
+                }
+                KeyKind::Network(id) => {
+                    self.networks.remove(&id);
+                }
+                KeyKind::Endpoint(net, id) => {
+                    if let Some(eps) = self.endpoints.get_mut(&net) {
+                        eps.remove(&id);
+                        if eps.is_empty() {
+                            self.endpoints.remove(&net);
+                        }
+                    }
+                }
+                KeyKind::Other => {}
+            },
+        }
+    }
+
+    fn put(&mut self, keys: &Keys, kv: &KeyValue) {
+        fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Option<T> {
+            match serde_json::from_slice(&kv.value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping unreadable record");
+                    None
+                }
+            }
+        }
+        match keys.classify(&kv.key) {
+            KeyKind::Node(id) => {
+                if let Some(node) = parse(kv) {
+                    self.nodes.insert(id, node);
+                }
+            }
+            KeyKind::Network(id) => {
+                if let Some(network) = parse(kv) {
+                    self.networks.insert(
+                        id,
+                        StoredNetwork {
+                            network,
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                        },
+                    );
+                }
+            }
+            KeyKind::Endpoint(net, id) => {
+                if let Some(ep) = parse(kv) {
+                    self.endpoints.entry(net).or_default().insert(id, ep);
+                }
+            }
+            KeyKind::Other => {}
+        }
+    }
+
+    pub fn resolve_network(&self, reference: &str) -> Result<&StoredNetwork, Error> {
+        crate::cluster::resolve(self.networks.values(), reference)
+    }
+
+    pub fn endpoints_of(&self, net: &NetworkId) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints
+            .get(net)
+            .into_iter()
+            .flat_map(|eps| eps.values())
+    }
+}
+
+/// A shared, watch-fed view plus a channel announcing each revision it reaches.
+#[derive(Clone)]
+pub struct SharedView {
+    inner: Arc<RwLock<ClusterView>>,
+    revision: watch::Receiver<i64>,
+}
+
+impl SharedView {
+    /// A consistent copy of the current view.
+    pub fn snapshot(&self) -> ClusterView {
+        match self.inner.read() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs `f` on the current view without copying it.
+    pub fn with<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        match self.inner.read() {
+            Ok(v) => f(&v),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    /// Waits until the view has applied `revision` (read-your-writes for this daemon's own
+    /// requests). Returns false if that did not happen within `limit`.
+    pub async fn wait_for(&self, revision: i64, limit: Duration) -> bool {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(limit, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver that changes whenever the view reaches a new revision.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision.clone()
+    }
+}
+
+/// Starts the watcher task; returns the view it keeps current.
+pub fn spawn_watcher(store: Arc<dyn Store>, keys: Keys) -> SharedView {
+    let inner = Arc::new(RwLock::new(ClusterView::default()));
+    let (tx, rx) = watch::channel(0i64);
+    let view = SharedView {
+        inner: inner.clone(),
+        revision: rx,
+    };
+    tokio::spawn(run_watcher(store, keys, inner, tx));
+    view
+}
+
+async fn run_watcher(
+    store: Arc<dyn Store>,
+    keys: Keys,
+    view: Arc<RwLock<ClusterView>>,
+    revision: watch::Sender<i64>,
+) {
+    let mut backoff = Backoff::new();
+    let mut need_list = true;
+    loop {
+        if need_list {
+            match store.list(keys.prefix()).await {
+                Ok(listing) => {
+                    let fresh = ClusterView::from_kvs(&keys, &listing.kvs, listing.revision);
+                    let rev = fresh.revision;
+                    if let Ok(mut v) = view.write() {
+                        *v = fresh;
+                    }
+                    revision.send_replace(rev);
+                    need_list = false;
+                    backoff.reset();
+                    tracing::debug!(revision = rev, "cluster view listed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the cluster store; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            }
+        }
+        let from = *revision.borrow() + 1;
+        let mut stream = match store.watch(keys.prefix(), from).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the cluster store; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        while let Some(batch) = stream.next().await {
+            match batch {
+                Ok(batch) => {
+                    backoff.reset();
+                    if let Ok(mut v) = view.write() {
+                        for ev in &batch.events {
+                            v.apply(&keys, ev);
+                        }
+                        v.revision = v.revision.max(batch.revision);
+                    }
+                    revision.send_if_modified(|r| {
+                        let changed = batch.revision > *r;
+                        *r = (*r).max(batch.revision);
+                        changed
+                    });
+                }
+                Err(StoreError::Compacted { .. }) => {
+                    tracing::info!("watch revision compacted; re-listing the cluster store");
+                    need_list = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster store watch broke; resuming");
+                    backoff.wait().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 50 ms to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(50))
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(50);
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+    }
+}
