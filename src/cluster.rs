@@ -17,6 +17,9 @@ use crate::store::{Compare, KeyValue, LeaseId, Op, Store, StoreError};
 
 /// How often a transaction that lost a race is retried on fresh data before giving up.
 const MAX_ATTEMPTS: usize = 32;
+/// Address claims race every host attaching to the same network at once; each lost race
+/// costs one read and one transaction (about a millisecond), so allow more of them.
+const MAX_ALLOCATION_ATTEMPTS: usize = 256;
 
 /// The lowest MTU an overlay may have: IPv6's minimum, so nothing in a container breaks.
 pub const MTU_MIN: u32 = 1280;
@@ -165,6 +168,61 @@ where
     Err(Error::NetworkNotFound(reference.to_string()))
 }
 
+/// Checks a create request against the existing networks: the name is free, the subnet
+/// (given, or the first free /24) overlaps none, the VNI (given, or the lowest free) is free.
+fn plan_network(
+    req: &NetworkCreate,
+    existing: &[StoredNetwork],
+) -> Result<(AddressPool, u32), Error> {
+    if existing.iter().any(|n| n.network.name == req.name) {
+        return Err(Error::NetworkNameInUse(req.name.clone()));
+    }
+    let subnet = match req.subnet {
+        Some(s) => s,
+        None => ipam::first_free_subnet(existing.iter().map(|n| n.network.subnet))
+            .ok_or_else(|| Error::conflict("no free /24 left in 10.0.0.0/8: give --subnet"))?,
+    };
+    let pool = AddressPool::new(subnet, req.gateway, req.ip_range)?;
+    if let Some(o) = existing
+        .iter()
+        .find(|n| ipam::overlaps(n.network.subnet, pool.subnet))
+    {
+        return Err(Error::SubnetOverlap {
+            subnet: pool.subnet,
+            other: o.network.name.clone(),
+            other_subnet: o.network.subnet,
+        });
+    }
+    let vni = match req.vni {
+        Some(v) => {
+            if let Some(o) = existing.iter().find(|n| n.network.vni == v) {
+                return Err(Error::VniInUse(v, o.network.name.clone()));
+            }
+            v
+        }
+        None => {
+            let used: HashSet<u32> = existing.iter().map(|n| n.network.vni).collect();
+            ipam::next_free_vni(&used).ok_or(Error::VnisExhausted(ipam::VNI_MIN, ipam::VNI_MAX))?
+        }
+    };
+    Ok((pool, vni))
+}
+
+/// The networks a caller already knows (from its watch-fed view) and the store revision they
+/// are current at: the first attempt of a create checks against them instead of reading.
+#[derive(Clone, Debug)]
+pub struct KnownNetworks {
+    pub networks: Vec<StoredNetwork>,
+    pub revision: i64,
+}
+
+/// The addresses a caller already knows to be claimed in one network, and the cursor.
+#[derive(Clone, Debug, Default)]
+pub struct KnownAddresses {
+    pub taken: HashSet<Ipv4Addr>,
+    pub cursor: Option<Ipv4Addr>,
+}
+
 impl Cluster {
     pub fn new(
         store: Arc<dyn Store>,
@@ -205,7 +263,13 @@ impl Cluster {
 
     /// Creates a global network. Name, subnet and VNI are unique cluster-wide: the
     /// transaction fails if any network was added after the checks read the list.
-    pub async fn create_network(&self, req: NetworkCreate) -> Result<Written<Network>, Error> {
+    /// `known` (optional) lets the first attempt skip reading the network list; the
+    /// transaction's compare still catches anything added after its revision.
+    pub async fn create_network(
+        &self,
+        req: NetworkCreate,
+        known: Option<KnownNetworks>,
+    ) -> Result<Written<Network>, Error> {
         validate_name("network", &req.name)?;
         let driver = req
             .driver
@@ -241,39 +305,18 @@ impl Cluster {
             }
         }
 
+        let mut known = known;
         for _ in 0..MAX_ATTEMPTS {
-            let (existing, read_rev) = self.read_networks().await?;
-            if existing.iter().any(|n| n.network.name == req.name) {
-                return Err(Error::NetworkNameInUse(req.name));
-            }
-            let subnet = match req.subnet {
-                Some(s) => s,
-                None => ipam::first_free_subnet(existing.iter().map(|n| n.network.subnet))
-                    .ok_or_else(|| {
-                        Error::conflict("no free /24 left in 10.0.0.0/8: give --subnet")
-                    })?,
+            let from_view = known.is_some();
+            let (existing, read_rev) = match known.take() {
+                Some(k) => (k.networks, k.revision),
+                None => self.read_networks().await?,
             };
-            let pool = AddressPool::new(subnet, req.gateway, req.ip_range)?;
-            if let Some(o) = existing
-                .iter()
-                .find(|n| ipam::overlaps(n.network.subnet, pool.subnet))
-            {
-                return Err(Error::SubnetOverlap {
-                    subnet: pool.subnet,
-                    other: o.network.name.clone(),
-                    other_subnet: o.network.subnet,
-                });
-            }
-            let used: HashSet<u32> = existing.iter().map(|n| n.network.vni).collect();
-            let vni = match req.vni {
-                Some(v) => {
-                    if let Some(o) = existing.iter().find(|n| n.network.vni == v) {
-                        return Err(Error::VniInUse(v, o.network.name.clone()));
-                    }
-                    v
-                }
-                None => ipam::next_free_vni(&used)
-                    .ok_or(Error::VnisExhausted(ipam::VNI_MIN, ipam::VNI_MAX))?,
+            let (pool, vni) = match plan_network(&req, &existing) {
+                Ok(planned) => planned,
+                // The caller's view may lag: confirm a refusal on fresh data before giving it.
+                Err(_) if from_view => continue,
+                Err(e) => return Err(e),
             };
             let network = Network {
                 id: Id::random(),
@@ -392,6 +435,7 @@ impl Cluster {
         &self,
         network: &StoredNetwork,
         req: EndpointCreate,
+        known: Option<KnownAddresses>,
     ) -> Result<Written<Endpoint>, Error> {
         let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
         let net = &network.network;
@@ -406,36 +450,44 @@ impl Cluster {
         let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
         let net_key = self.keys.network(&net.id);
 
-        let mut taken = HashSet::new();
-        let mut cursor = None;
-        let mut fresh = false;
-        for _ in 0..MAX_ATTEMPTS {
-            if !fresh && req.ip.is_none() {
-                (taken, cursor) = self.read_addresses(&net.id).await?;
-                fresh = true;
-            }
+        let mut lost_races = 0usize;
+        let mut known = known;
+        for _ in 0..MAX_ALLOCATION_ATTEMPTS {
             let ip = match req.ip {
                 Some(ip) => ip,
                 None => {
+                    // The caller's view on the first attempt; after that read fresh: after a
+                    // lost race, what others took since is exactly what must be skipped.
+                    let from_view = known.is_some();
+                    let KnownAddresses { taken, cursor } = match known.take() {
+                        Some(k) => k,
+                        None => self.read_addresses(&net.id).await?,
+                    };
                     let mut busy = taken.clone();
                     if let Ok(set) = self.in_flight.lock() {
                         busy.extend(set.iter().filter(|(n, _)| n == &net.id).map(|(_, ip)| *ip));
                     }
-                    match pool.next_free(&busy, cursor) {
-                        Some(ip) => ip,
-                        None if busy.len() > taken.len() => {
+                    // After lost races, spread out: pick at random among the next few free
+                    // addresses instead of the very next one every other host is trying too.
+                    let spread = (lost_races * 2).clamp(1, 16);
+                    let candidates: Vec<Ipv4Addr> =
+                        pool.free_after(&busy, cursor).take(spread).collect();
+                    match candidates.len() {
+                        // Confirm "exhausted" on fresh data before saying it.
+                        0 if from_view => continue,
+                        0 if busy.len() > taken.len() => {
                             // Only our own in-flight claims are in the way: they may fail.
-                            tokio::task::yield_now().await;
-                            fresh = false;
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                             continue;
                         }
-                        None => {
+                        0 => {
                             return Err(Error::SubnetExhausted {
                                 network: net.name.clone(),
                                 range: pool.range,
                                 capacity: pool.dynamic_capacity(),
                             })
                         }
+                        n => candidates[rand::random_range(0..n)],
                     }
                 }
             };
@@ -485,9 +537,8 @@ impl Cluster {
                     network: net.name.clone(),
                 });
             }
-            // Another host took this address first: skip it and try the next one.
-            taken.insert(ip);
-            cursor = Some(ip);
+            // Another host took this address first: re-read what is taken and try again.
+            lost_races += 1;
         }
         Err(Error::Contention(format!(
             "address allocation on {}",
@@ -507,10 +558,7 @@ impl Cluster {
     }
 
     /// The addresses claimed in a network and the allocation cursor.
-    async fn read_addresses(
-        &self,
-        net: &NetworkId,
-    ) -> Result<(HashSet<Ipv4Addr>, Option<Ipv4Addr>), Error> {
+    async fn read_addresses(&self, net: &NetworkId) -> Result<KnownAddresses, Error> {
         let listing = self.store.list(&self.keys.ipam(net)).await?;
         let addrs_prefix = self.keys.addrs(net);
         let cursor_key = self.keys.cursor(net);
@@ -527,7 +575,7 @@ impl Cluster {
                     .and_then(|s| s.parse().ok());
             }
         }
-        Ok((taken, cursor))
+        Ok(KnownAddresses { taken, cursor })
     }
 
     /// Deletes an endpoint and releases its address, atomically.

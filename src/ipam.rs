@@ -136,20 +136,27 @@ impl AddressPool {
         taken: &HashSet<Ipv4Addr>,
         cursor: Option<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
+        self.free_after(taken, cursor).next()
+    }
+
+    /// Free addresses in allocation order: after `cursor`, then wrapping to the range start.
+    pub fn free_after<'a>(
+        &'a self,
+        taken: &'a HashSet<Ipv4Addr>,
+        cursor: Option<Ipv4Addr>,
+    ) -> impl Iterator<Item = Ipv4Addr> + 'a {
         let lo = u32::from(self.range.network());
         let hi = u32::from(self.range.broadcast());
         let start = match cursor.map(u32::from) {
             Some(c) if c >= lo && c < hi => c + 1,
             _ => lo,
         };
-        let usable = |a: u32| {
-            let ip = Ipv4Addr::from(a);
-            ip != self.gateway && is_host_address(self.subnet, ip) && !taken.contains(&ip)
-        };
         (start..=hi)
             .chain(lo..start)
-            .find(|&a| usable(a))
             .map(Ipv4Addr::from)
+            .filter(move |ip| {
+                *ip != self.gateway && is_host_address(self.subnet, *ip) && !taken.contains(ip)
+            })
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::cluster::StoredNetwork;
+use std::net::Ipv4Addr;
+
+use crate::cluster::{KnownAddresses, KnownNetworks, StoredNetwork};
 use crate::error::Error;
 use crate::model::{Endpoint, EndpointId, NetworkId, Node, NodeId};
 use crate::store::keys::KeyKind;
@@ -24,6 +26,8 @@ pub struct ClusterView {
     /// Endpoints by network, then by endpoint ID.
     pub endpoints: BTreeMap<NetworkId, BTreeMap<EndpointId, Endpoint>>,
     pub nodes: BTreeMap<NodeId, Node>,
+    /// Each network's IPAM cursor (the last address handed out).
+    pub cursors: BTreeMap<NetworkId, Ipv4Addr>,
     /// The store revision this view reflects (0 until the first list).
     pub revision: i64,
 }
@@ -58,6 +62,9 @@ impl ClusterView {
                             self.endpoints.remove(&net);
                         }
                     }
+                }
+                KeyKind::Cursor(net) => {
+                    self.cursors.remove(&net);
                 }
                 KeyKind::Other => {}
             },
@@ -97,7 +104,31 @@ impl ClusterView {
                     self.endpoints.entry(net).or_default().insert(id, ep);
                 }
             }
+            KeyKind::Cursor(net) => {
+                let ip = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok());
+                if let Some(ip) = ip {
+                    self.cursors.insert(net, ip);
+                }
+            }
             KeyKind::Other => {}
+        }
+    }
+
+    /// What this view knows of every network, for a create's first attempt.
+    pub fn known_networks(&self) -> KnownNetworks {
+        KnownNetworks {
+            networks: self.networks.values().cloned().collect(),
+            revision: self.revision,
+        }
+    }
+
+    /// What this view knows of one network's claimed addresses, for an attach's first attempt.
+    pub fn known_addresses(&self, net: &NetworkId) -> KnownAddresses {
+        KnownAddresses {
+            taken: self.endpoints_of(net).map(|e| e.ip).collect(),
+            cursor: self.cursors.get(net).copied(),
         }
     }
 

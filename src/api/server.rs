@@ -94,22 +94,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Reads need a view that has been listed at least once.
-fn synced_view(state: &ApiState) -> ApiResult<ClusterView> {
-    let view = state.view.snapshot();
-    if view.revision == 0 {
-        return Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this daemon has not synced with the cluster store yet; check `vxnet info` and etcd"
-                .into(),
-        ));
-    }
-    Ok(view)
+/// Runs `f` on the view, which must have been listed at least once.
+fn with_synced<R>(state: &ApiState, f: impl FnOnce(&ClusterView) -> ApiResult<R>) -> ApiResult<R> {
+    state.view.with(|view| {
+        if view.revision == 0 {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this daemon has not synced with the cluster store yet; check `vxnet info` and etcd"
+                    .into(),
+            ));
+        }
+        f(view)
+    })
 }
 
 async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
-    let view = state.view.snapshot();
-    Ok(Json(Info {
+    Ok(Json(state.view.with(|view| Info {
         version: env!("CARGO_PKG_VERSION").to_string(),
         node: state.node.clone(),
         cluster_store: state.cluster.store().describe(),
@@ -119,12 +119,13 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
         nodes: view.nodes.values().cloned().collect(),
         networks: view.networks.len(),
         endpoints: view.endpoints.values().map(|e| e.len()).sum(),
-    }))
+    })))
 }
 
 async fn list_networks(State(state): State<AppState>) -> ApiResult<Json<Vec<Network>>> {
-    let view = synced_view(&state)?;
-    let mut nets: Vec<Network> = view.networks.values().map(|n| n.network.clone()).collect();
+    let mut nets: Vec<Network> = with_synced(&state, |view| {
+        Ok(view.networks.values().map(|n| n.network.clone()).collect())
+    })?;
     nets.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(nets))
 }
@@ -153,8 +154,7 @@ async fn inspect_network(
     State(state): State<AppState>,
     Path(reference): Path<String>,
 ) -> ApiResult<Json<NetworkInspect>> {
-    let view = synced_view(&state)?;
-    Ok(Json(inspect(&view, &reference)?))
+    Ok(Json(with_synced(&state, |view| inspect(view, &reference))?))
 }
 
 async fn create_network(
@@ -162,7 +162,8 @@ async fn create_network(
     body: Result<Json<NetworkCreate>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Network>)> {
     let Json(req) = body?;
-    let written = state.cluster.create_network(req).await?;
+    let known = with_synced(&state, |v| Ok(v.known_networks())).ok();
+    let written = state.cluster.create_network(req, known).await?;
     state
         .view
         .wait_for(written.revision, READ_YOUR_WRITES)
@@ -196,7 +197,10 @@ async fn create_endpoint(
             crate::cluster::resolve(&networks, &reference)?.clone()
         }
     };
-    let written = state.cluster.create_endpoint(&network, req).await?;
+    let known = state
+        .view
+        .with(|v| (v.revision > 0).then(|| v.known_addresses(&network.network.id)));
+    let written = state.cluster.create_endpoint(&network, req, known).await?;
     state
         .view
         .wait_for(written.revision, READ_YOUR_WRITES)

@@ -32,6 +32,8 @@ pub enum KeyKind {
     Node(NodeId),
     Network(NetworkId),
     Endpoint(NetworkId, EndpointId),
+    /// The allocation cursor of a network's IPAM.
+    Cursor(NetworkId),
     /// Anything else under the prefix (names, VNIs, IPAM): not part of the view.
     Other,
 }
@@ -101,6 +103,9 @@ impl Keys {
             (Some("networks"), Some(id), None, None) => {
                 id.parse().map(KeyKind::Network).unwrap_or(KeyKind::Other)
             }
+            (Some("ipam"), Some(net), Some("cursor"), None) => {
+                net.parse().map(KeyKind::Cursor).unwrap_or(KeyKind::Other)
+            }
             (Some("endpoints"), Some(net), Some(ep), None) => match (net.parse(), ep.parse()) {
                 (Ok(net), Ok(ep)) => KeyKind::Endpoint(net, ep),
                 _ => KeyKind::Other,
@@ -130,6 +135,10 @@ mod tests {
         assert_eq!(
             keys.classify(&keys.endpoint(&net, &ep)),
             KeyKind::Endpoint(net.clone(), ep)
+        );
+        assert_eq!(
+            keys.classify(&keys.cursor(&net)),
+            KeyKind::Cursor(net.clone())
         );
         assert_eq!(keys.classify(&keys.network_name("x")), KeyKind::Other);
         assert_eq!(

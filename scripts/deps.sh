@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what vxnet's build, tests and lab need on Debian/Ubuntu, when missing.
+# Package scripts must not start services (no system etcd): a policy-rc.d that exits 101
+# is in place during the install and removed afterwards.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "vxnet: this needs root (network namespaces, apt): run it with sudo -E env PATH=\"\$PATH\" $0" >&2
+  exit 1
+fi
+
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v ip >/dev/null || need+=(iproute2)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "vxnet: installing ${need[*]}" >&2
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    made_policy=1
+  fi
+  cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
+  trap cleanup EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "vxnet: cargo not found: install Rust 1.85 or newer (https://rustup.rs), then run this again" >&2
+  exit 1
+fi

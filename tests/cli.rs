@@ -1,0 +1,193 @@
+//! The `vxnet` command line as a user runs it: output formats, exit codes, error messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use vxnet::lab::LocalCluster;
+
+fn vxnet(c: &LocalCluster, daemon: usize, args: &[&str]) -> Output {
+    Command::new(common::binary())
+        .arg("-H")
+        .arg(format!("unix://{}", c.daemons[daemon].socket.display()))
+        .args(args)
+        .output()
+        .expect("run vxnet")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_verbs_print_like_docker() {
+    let c = common::cluster(2).await;
+    let out = vxnet(
+        &c,
+        0,
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.0.4.0/24",
+            "--label",
+            "team=a",
+            "my-net",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    assert_eq!(id.len(), 64, "create prints the full ID: {id}");
+
+    // `network ls` on the other daemon: Docker's columns, the 12-character ID.
+    let mut listed = String::new();
+    for _ in 0..200 {
+        listed = text(&vxnet(&c, 1, &["network", "ls"]).stdout);
+        if listed.contains("my-net") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NETWORK", "ID", "NAME", "DRIVER", "SCOPE"]
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        [&id[..12], "my-net", "overlay", "global"]
+    );
+
+    let json = vxnet(&c, 1, &["network", "ls", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v[0]["name"], "my-net");
+    assert_eq!(v[0]["labels"]["team"], "a");
+    assert_eq!(
+        text(&vxnet(&c, 1, &["network", "ls", "-q"]).stdout).trim(),
+        &id[..12]
+    );
+
+    let inspect = vxnet(&c, 1, &["network", "inspect", "my-net"]);
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v[0]["subnet"], "10.0.4.0/24");
+    assert_eq!(v[0]["gateway"], "10.0.4.1");
+    assert_eq!(v[0]["scope"], "global");
+    assert!(v[0]["vni"].as_u64().unwrap() >= 256);
+    assert!(v[0]["created"].as_str().unwrap().ends_with('Z'));
+
+    let missing = vxnet(&c, 1, &["network", "inspect", "my-net", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("network nope not found"));
+    let v: serde_json::Value = serde_json::from_slice(&missing.stdout).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "found ones are still printed"
+    );
+
+    let rm = vxnet(&c, 1, &["network", "rm", "my-net"]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert_eq!(text(&rm.stdout).trim(), "my-net");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_errors_are_clear_and_exit_1() {
+    let c = common::cluster(1).await;
+    let before = c.store_revision().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["network", "create", "--subnet", "10.0.4.0/33", "x"],
+            "invalid --subnet \"10.0.4.0/33\"",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "--subnet",
+                "10.0.4.0/24",
+                "--gateway",
+                "10.0.4",
+                "x",
+            ],
+            "invalid --gateway",
+        ),
+        (
+            &["network", "create", "--gateway", "10.0.4.1", "x"],
+            "--gateway and --ip-range need --subnet",
+        ),
+        (
+            &["network", "rm", "nope"],
+            "Error response from daemon: network nope not found",
+        ),
+        (&["network", "ls", "--format", "yaml"], "unknown --format"),
+    ];
+    for (args, message) in cases {
+        let out = vxnet(&c, 0, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(message),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(c.store_revision().unwrap(), before);
+
+    let out = Command::new(common::binary())
+        .args(["-H", "unix:///nonexistent/vxnet.sock", "network", "ls"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr)
+        .contains("cannot connect to the vxnet daemon at unix:///nonexistent/vxnet.sock"));
+    let out = Command::new(common::binary())
+        .args(["-H", "tcp://1.2.3.4:2375", "network", "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("invalid daemon address"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn daemon_refuses_bad_flags_before_starting() {
+    let dir = vxnet::lab::process::ScratchDir::new("vxnet-cli-test").unwrap();
+    let run = |store: &str, advertise: &str| {
+        Command::new(common::binary())
+            .args([
+                "daemon",
+                "--cluster-store",
+                store,
+                "--cluster-advertise",
+                advertise,
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = run("consul://127.0.0.1:8500", "192.0.2.6");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("only etcd is supported"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run("etcd://127.0.0.1", "192.0.2.6");
+    assert!(
+        text(&out.stderr).contains("has no port"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run("etcd://127.0.0.1:2379", "eth0:2376x");
+    assert!(
+        text(&out.stderr).contains("invalid --cluster-advertise"),
+        "{}",
+        text(&out.stderr)
+    );
+}
