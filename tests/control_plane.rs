@@ -372,7 +372,16 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(err.to_string().contains(message), "{what}: {err}");
     }
     // Raw requests: malformed JSON, wrong types, unknown fields, oversized bodies, bad routes.
-    let raw: Vec<(&str, Method, &str, Vec<u8>, StatusCode, &str)> = vec![
+    // (what, method, path, body, expected status, expected message)
+    type RawCase = (
+        &'static str,
+        Method,
+        &'static str,
+        Vec<u8>,
+        StatusCode,
+        &'static str,
+    );
+    let raw: Vec<RawCase> = vec![
         (
             "malformed JSON",
             Method::POST,
