@@ -15,6 +15,8 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v ip >/dev/null || need+=(iproute2)
+# The data-plane tests ping across the overlay.
+command -v ping >/dev/null || need+=(iputils-ping)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 
 if [ ${#need[@]} -gt 0 ]; then

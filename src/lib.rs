@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;
+pub mod dataplane;
 pub mod error;
 pub mod format;
 pub mod ipam;

@@ -133,6 +133,11 @@ impl NetNs {
     pub fn netlink(&self) -> io::Result<rtnetlink::Handle> {
         let raw = self.run(|| {
             let socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+            // The kernel's reason for a refusal ("A VXLAN device with the specified VNI
+            // already exists") rides in the error as an extended ACK; capped ACKs keep
+            // it from following a full copy of each request.
+            socket.set_ext_ack(true)?;
+            socket.set_cap_ack(true)?;
             Ok(socket.into_raw_fd())
         })?;
         // SAFETY: `raw` is the netlink socket just created on the worker thread; nothing else
