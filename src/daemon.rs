@@ -15,8 +15,11 @@ use tokio::net::UnixListener;
 
 use crate::api::server::{router, ApiState};
 use crate::cluster::Cluster;
+use crate::container::record::Registry;
+use crate::container::ContainerService;
 use crate::model::{self, Node};
 use crate::node::{load_or_create_node_id, spawn_membership};
+use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::{Keys, Store, StoreError};
 use crate::view::spawn_watcher;
@@ -115,11 +118,39 @@ pub async fn run(
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         keys,
-        node_id,
+        node_id.clone(),
         membership.clone(),
+    ));
+    let (connection, host_netlink, _) =
+        rtnetlink::new_connection().map_err(io_err(Path::new("netlink")))?;
+    tokio::spawn(connection);
+    let containers_dir = config.state_dir.join("containers");
+    let registry = Arc::new(Registry::load(&containers_dir).map_err(io_err(&containers_dir))?);
+    let reconciler = Arc::new(Reconciler::new(
+        host_netlink,
+        config.run_dir.clone(),
+        config.advertise_addr,
+        node_id,
+        view.clone(),
+        registry.clone(),
+    ));
+    let containers = ContainerService::new(
+        cluster.clone(),
+        view.clone(),
+        reconciler.clone(),
+        registry,
+        config.run_dir.clone(),
+    );
+    tokio::spawn(reconciler.clone().run());
+    tokio::spawn(start_up_resync(
+        view.clone(),
+        containers.clone(),
+        reconciler.clone(),
     ));
     let app = router(Arc::new(ApiState {
         cluster,
+        containers,
+        reconciler,
         view,
         membership,
         node,
@@ -137,6 +168,31 @@ pub async fn run(
     served.map_err(io_err(&config.socket))?;
     tracing::info!("vxnet daemon stopped");
     Ok(())
+}
+
+/// Once the view has been listed: pick up the containers of a previous run, then make the
+/// kernel match (sandboxes, interfaces, peers) — the same code path as any later resync.
+async fn start_up_resync(
+    view: crate::view::SharedView,
+    containers: Arc<ContainerService>,
+    reconciler: Arc<Reconciler>,
+) {
+    while !view.wait_for(1, Duration::from_secs(3600)).await {}
+    containers.recover().await;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match reconciler.resync().await {
+            Ok(report) => {
+                tracing::info!(?report, "kernel state reconciled");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "start-up resync failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Binds the API socket, root-only (0660). A stale socket file from a crashed daemon is

@@ -67,6 +67,25 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("corrupt record in the cluster store at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("programming the kernel failed: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error("no such container: {0} (`vxnet ps -a` lists them)")]
+    ContainerNotFound(String),
+    #[error("container name {0:?} is already in use on this host: choose another --name or remove that container")]
+    ContainerNameInUse(String),
+    #[error("container {0} is not running")]
+    ContainerNotRunning(String),
+    #[error("container {0} is running: stop it first, or remove it with -f")]
+    ContainerRunning(String),
+    #[error("container {container} is already connected to network {network}")]
+    AlreadyConnected { container: String, network: String },
+    #[error("container {container} is not connected to network {network}")]
+    NotConnected { container: String, network: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Coarse classes of [`Error`], one per API status code.
@@ -86,11 +105,19 @@ impl Error {
     pub fn conflict(msg: impl Into<String>) -> Self {
         Error::Conflict(msg.into())
     }
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
 
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Invalid(_) | Error::AmbiguousNetwork(_) => ErrorKind::Invalid,
-            Error::NetworkNotFound(_) | Error::EndpointNotFound(_) => ErrorKind::NotFound,
+            Error::NetworkNotFound(_)
+            | Error::EndpointNotFound(_)
+            | Error::ContainerNotFound(_) => ErrorKind::NotFound,
             Error::Conflict(_)
             | Error::NetworkNameInUse(_)
             | Error::SubnetOverlap { .. }
@@ -98,10 +125,17 @@ impl Error {
             | Error::VnisExhausted(..)
             | Error::NetworkInUse { .. }
             | Error::AddressInUse { .. }
-            | Error::SubnetExhausted { .. } => ErrorKind::Conflict,
+            | Error::SubnetExhausted { .. }
+            | Error::ContainerNameInUse(_)
+            | Error::ContainerNotRunning(_)
+            | Error::ContainerRunning(_)
+            | Error::AlreadyConnected { .. }
+            | Error::NotConnected { .. } => ErrorKind::Conflict,
             Error::Contention(_) | Error::NotRegistered => ErrorKind::Unavailable,
             Error::Store(StoreError::Unreachable { .. }) => ErrorKind::Unavailable,
-            Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
+            Error::Store(_) | Error::Corrupt { .. } | Error::Dataplane(_) | Error::Io { .. } => {
+                ErrorKind::Internal
+            }
         }
     }
 }

@@ -4,10 +4,10 @@ use crate::model::{Network, SCOPE_GLOBAL};
 
 /// `docker network ls`'s table: NETWORK ID, NAME, DRIVER, SCOPE.
 pub fn network_table(nets: &[Network], no_trunc: bool) -> String {
-    let rows: Vec<[String; 4]> = nets
+    let rows: Vec<Vec<String>> = nets
         .iter()
         .map(|n| {
-            [
+            vec![
                 if no_trunc {
                     n.id.to_string()
                 } else {
@@ -19,18 +19,23 @@ pub fn network_table(nets: &[Network], no_trunc: bool) -> String {
             ]
         })
         .collect();
-    let header = ["NETWORK ID", "NAME", "DRIVER", "SCOPE"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
+    table(&["NETWORK ID", "NAME", "DRIVER", "SCOPE"], &rows)
+}
+
+/// Left-aligned columns three spaces apart, as Docker prints them.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
+    let head: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let mut out = String::new();
-    for r in std::iter::once(&header).chain(rows.iter()) {
+    for r in std::iter::once(&head).chain(rows.iter()) {
         let line = r
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect::<Vec<_>>()
             .join("   ");

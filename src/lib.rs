@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod container;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
@@ -14,5 +15,6 @@ pub mod lab;
 pub mod model;
 pub mod netns;
 pub mod node;
+pub mod reconcile;
 pub mod store;
 pub mod view;

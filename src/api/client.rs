@@ -12,7 +12,10 @@ use tokio::net::UnixStream;
 
 use super::types::{ErrorBody, Info, NetworkInspect};
 use crate::cluster::{EndpointCreate, NetworkCreate};
+use crate::container::record::ContainerRecord;
+use crate::container::{ConnectRequest, CreateRequest, StartRequest};
 use crate::model::{Endpoint, Network};
+use crate::reconcile::ResyncReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -193,6 +196,97 @@ impl Client {
             None::<&()>,
         )
         .await
+    }
+}
+
+impl Client {
+    pub async fn containers(&self) -> Result<Vec<ContainerRecord>, ClientError> {
+        self.call(Method::GET, "/v1/containers", None::<&()>).await
+    }
+
+    pub async fn container(&self, reference: &str) -> Result<ContainerRecord, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/containers/{}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn container_create(
+        &self,
+        req: &CreateRequest,
+    ) -> Result<ContainerRecord, ClientError> {
+        self.call(Method::POST, "/v1/containers", Some(req)).await
+    }
+
+    pub async fn container_start(
+        &self,
+        reference: &str,
+        pid: u32,
+    ) -> Result<ContainerRecord, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/containers/{}/start", escape(reference)),
+            Some(&StartRequest { pid }),
+        )
+        .await
+    }
+
+    pub async fn container_stop(
+        &self,
+        reference: &str,
+        grace_secs: u64,
+    ) -> Result<ContainerRecord, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/containers/{}/stop?t={grace_secs}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn container_rm(&self, reference: &str, force: bool) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/containers/{}?force={force}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn network_connect(
+        &self,
+        container: &str,
+        req: &ConnectRequest,
+    ) -> Result<ContainerRecord, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/containers/{}/networks", escape(container)),
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn network_disconnect(
+        &self,
+        container: &str,
+        network: &str,
+    ) -> Result<ContainerRecord, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!(
+                "/v1/containers/{}/networks/{}",
+                escape(container),
+                escape(network)
+            ),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn reconcile(&self) -> Result<ResyncReport, ClientError> {
+        self.call(Method::POST, "/v1/reconcile", None::<&()>).await
     }
 }
 

@@ -13,9 +13,12 @@ use axum::{Json, Router};
 use super::types::{EndpointInfo, ErrorBody, Info, NetworkInspect};
 use crate::cluster::LeaseSource;
 use crate::cluster::{Cluster, EndpointCreate, NetworkCreate};
+use crate::container::record::ContainerRecord;
+use crate::container::{ConnectRequest, ContainerService, CreateRequest, StartRequest};
 use crate::error::{Error, ErrorKind};
 use crate::model::{Network, Node, SCOPE_GLOBAL};
 use crate::node::Membership;
+use crate::reconcile::{Reconciler, ResyncReport};
 use crate::view::{ClusterView, SharedView};
 
 /// Request bodies are small JSON documents; anything larger is refused before parsing.
@@ -26,6 +29,8 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(2);
 /// What the handlers share.
 pub struct ApiState {
     pub cluster: Arc<Cluster>,
+    pub containers: Arc<ContainerService>,
+    pub reconciler: Arc<Reconciler>,
     pub view: SharedView,
     pub membership: Arc<Membership>,
     pub node: Node,
@@ -84,6 +89,31 @@ pub fn router(state: AppState) -> Router {
             "/v1/networks/{reference}/endpoints/{endpoint}",
             delete(delete_endpoint),
         )
+        .route(
+            "/v1/containers",
+            get(list_containers).post(create_container),
+        )
+        .route(
+            "/v1/containers/{container}",
+            get(get_container).delete(remove_container),
+        )
+        .route(
+            "/v1/containers/{container}/start",
+            axum::routing::post(start_container),
+        )
+        .route(
+            "/v1/containers/{container}/stop",
+            axum::routing::post(stop_container),
+        )
+        .route(
+            "/v1/containers/{container}/networks",
+            axum::routing::post(connect_container),
+        )
+        .route(
+            "/v1/containers/{container}/networks/{network}",
+            delete(disconnect_container),
+        )
+        .route("/v1/reconcile", axum::routing::post(reconcile))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -247,4 +277,87 @@ fn view_endpoint_id(
             _ => Err(Error::EndpointNotFound(reference.to_string()).into()),
         }
     })
+}
+
+async fn list_containers(State(state): State<AppState>) -> Json<Vec<ContainerRecord>> {
+    Json(state.containers.list())
+}
+
+async fn get_container(
+    State(state): State<AppState>,
+    Path(container): Path<String>,
+) -> ApiResult<Json<ContainerRecord>> {
+    Ok(Json(state.containers.get(&container)?))
+}
+
+async fn create_container(
+    State(state): State<AppState>,
+    body: Result<Json<CreateRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<ContainerRecord>)> {
+    let Json(req) = body?;
+    let record = state.containers.create(req).await?;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn start_container(
+    State(state): State<AppState>,
+    Path(container): Path<String>,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> ApiResult<Json<ContainerRecord>> {
+    let Json(req) = body?;
+    Ok(Json(state.containers.start(&container, req.pid).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct StopQuery {
+    /// Seconds to wait after SIGTERM before SIGKILL (Docker's `-t`, default 10).
+    t: Option<u64>,
+}
+
+async fn stop_container(
+    State(state): State<AppState>,
+    Path(container): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<StopQuery>,
+) -> ApiResult<Json<ContainerRecord>> {
+    let grace = Duration::from_secs(q.t.unwrap_or(10).min(3600));
+    Ok(Json(state.containers.stop(&container, grace).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct RemoveQuery {
+    force: Option<bool>,
+}
+
+async fn remove_container(
+    State(state): State<AppState>,
+    Path(container): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RemoveQuery>,
+) -> ApiResult<StatusCode> {
+    state
+        .containers
+        .remove(&container, q.force.unwrap_or(false))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connect_container(
+    State(state): State<AppState>,
+    Path(container): Path<String>,
+    body: Result<Json<ConnectRequest>, JsonRejection>,
+) -> ApiResult<Json<ContainerRecord>> {
+    let Json(req) = body?;
+    Ok(Json(state.containers.connect(&container, req).await?))
+}
+
+async fn disconnect_container(
+    State(state): State<AppState>,
+    Path((container, network)): Path<(String, String)>,
+) -> ApiResult<Json<ContainerRecord>> {
+    Ok(Json(
+        state.containers.disconnect(&container, &network).await?,
+    ))
+}
+
+async fn reconcile(State(state): State<AppState>) -> ApiResult<Json<ResyncReport>> {
+    Ok(Json(state.reconciler.resync().await?))
 }

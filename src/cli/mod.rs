@@ -1,6 +1,7 @@
 //! The `vxnet` command line: parses arguments, talks to the daemon's API, prints like Docker.
 //! This is the binary's edge, so errors are `anyhow` here and typed everywhere below.
 
+mod container;
 mod daemon;
 mod lab;
 mod network;
@@ -35,6 +36,31 @@ enum Command {
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Run a command in a new container (network + UTS namespace) on a network.
+    Run(container::RunArgs),
+    /// Run a command inside a running container.
+    Exec(container::ExecArgs),
+    /// List this host's containers.
+    Ps(container::PsArgs),
+    /// Stop containers (SIGTERM, then SIGKILL after -t seconds).
+    Stop {
+        /// Seconds to wait before killing.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        /// Stop running containers first (SIGKILL).
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Re-read the kernel and fix whatever differs from the desired state.
+    #[command(hide = true)]
+    Reconcile,
     /// Show this host's daemon, its node and the cluster it sees.
     Info {
         /// Output format: `json` for scripts.
@@ -74,6 +100,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => daemon::run(args).await,
         Command::Network(cmd) => network::run(&client(&cli.host)?, cmd).await,
         Command::Info { format } => info(&client(&cli.host)?, format.as_deref()).await,
+        Command::Run(args) => container::run(&client(&cli.host)?, args).await,
+        Command::Exec(args) => container::exec(&client(&cli.host)?, args).await,
+        Command::Ps(args) => container::ps(&client(&cli.host)?, args).await,
+        Command::Stop { time, containers } => {
+            container::stop(&client(&cli.host)?, time, &containers).await
+        }
+        Command::Rm { force, containers } => {
+            container::rm(&client(&cli.host)?, force, &containers).await
+        }
+        Command::Reconcile => {
+            let report = client(&cli.host)?.reconcile().await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }

@@ -56,6 +56,16 @@ pub enum NetworkCommand {
         #[arg(required = true)]
         networks: Vec<String>,
     },
+    /// Connect a container to a network.
+    Connect {
+        /// Address on that network (default: the next free one).
+        #[arg(long)]
+        ip: Option<String>,
+        network: String,
+        container: String,
+    },
+    /// Disconnect a container from a network.
+    Disconnect { network: String, container: String },
     /// Remove networks (refused while endpoints are attached).
     #[command(alias = "remove")]
     Rm {
@@ -158,6 +168,24 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
             } else {
                 ExitCode::FAILURE
             })
+        }
+        NetworkCommand::Connect {
+            ip,
+            network,
+            container,
+        } => {
+            let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
+            client
+                .network_connect(
+                    &container,
+                    &crate::container::ConnectRequest { network, ip },
+                )
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Disconnect { network, container } => {
+            client.network_disconnect(&container, &network).await?;
+            Ok(ExitCode::SUCCESS)
         }
         NetworkCommand::Rm { networks } => {
             let mut ok = true;

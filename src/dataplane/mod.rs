@@ -24,7 +24,7 @@ pub use links::{find_underlay, Underlay};
 pub use peers::{add_peers, list_peers, remove_peers, Peer};
 pub use sandbox::{
     bridge_mac, ensure_sandbox, list_sandboxes, remove_sandbox, sandbox_path, Sandbox, SandboxSpec,
-    BRIDGE_NAME, VXLAN_NAME,
+    BRIDGE_NAME, SANDBOX_PREFIX, VXLAN_NAME,
 };
 
 /// How long one netlink request may go unanswered. The kernel answers in microseconds; a

@@ -70,6 +70,10 @@ impl Sandbox {
     }
 }
 
+/// Sandbox namespaces are named `1-…` (Docker's form); anything else under the run dir's
+/// `netns/` (container namespaces) is not a sandbox.
+pub const SANDBOX_PREFIX: &str = "1-";
+
 /// Where the sandbox called `name` is bind-mounted: `<run_dir>/netns/<name>`.
 pub fn sandbox_path(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("netns").join(name)
@@ -437,8 +441,11 @@ pub fn list_sandboxes(run_dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(run_dir.join("netns")) else {
         return Vec::new();
     };
+    // Container namespaces share the directory (as in Docker's /var/run/docker/netns);
+    // sandboxes are the ones named `1-…`.
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(SANDBOX_PREFIX))
         .collect();
     names.sort();
     names

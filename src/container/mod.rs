@@ -1,0 +1,485 @@
+//! Containers on this host: `vxnet run`'s sandboxes (a network and UTS namespace running one
+//! command, not an image-based container).
+//!
+//! The split of work: the daemon makes the container's network namespace, claims its
+//! addresses cluster-wide and programs its interfaces (through the reconciler); the CLI then
+//! starts the command inside that namespace, keeping the user's terminal, and tells the
+//! daemon its PID. The daemon holds a pidfd and, the moment the process exits, removes its
+//! endpoints everywhere.
+
+pub mod process;
+pub mod record;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::cluster::{self, Cluster, EndpointCreate, StoredNetwork};
+use crate::error::Error;
+use crate::model::{self, Id};
+use crate::netns::NetNs;
+use crate::reconcile::Reconciler;
+use crate::view::SharedView;
+use process::ProcessHandle;
+use record::{Attachment, ContainerRecord, ContainerState, Registry};
+
+/// How long a created container waits for its process before it is cleaned up (the CLI
+/// that created it died before starting the command).
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `POST /v1/containers`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub network: String,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub auto_remove: bool,
+}
+
+/// `POST /v1/containers/{c}/start`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub pid: u32,
+}
+
+/// `POST /v1/containers/{c}/networks`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    pub network: String,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+pub struct ContainerService {
+    cluster: Arc<Cluster>,
+    view: SharedView,
+    reconciler: Arc<Reconciler>,
+    registry: Arc<Registry>,
+    netns_dir: PathBuf,
+    processes: SyncMutex<HashMap<Id, Arc<ProcessHandle>>>,
+    /// One lock per container: its state changes (start, exit, stop, connect…) never interleave.
+    locks: SyncMutex<HashMap<Id, Arc<Mutex<()>>>>,
+}
+
+fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !h.starts_with('-')
+}
+
+impl ContainerService {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        view: SharedView,
+        reconciler: Arc<Reconciler>,
+        registry: Arc<Registry>,
+        run_dir: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(ContainerService {
+            cluster,
+            view,
+            reconciler,
+            registry,
+            netns_dir: run_dir.join("netns"),
+            processes: SyncMutex::new(HashMap::new()),
+            locks: SyncMutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_for(&self, id: &Id) -> Arc<Mutex<()>> {
+        let mut locks = match self.locks.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        locks.entry(id.clone()).or_default().clone()
+    }
+
+    fn find(&self, reference: &str) -> Result<ContainerRecord, Error> {
+        self.registry
+            .find(reference)
+            .ok_or_else(|| Error::ContainerNotFound(reference.to_string()))
+    }
+
+    pub fn get(&self, reference: &str) -> Result<ContainerRecord, Error> {
+        self.find(reference)
+    }
+
+    pub fn list(&self) -> Vec<ContainerRecord> {
+        self.registry.list()
+    }
+
+    async fn resolve_network(&self, reference: &str) -> Result<StoredNetwork, Error> {
+        match self.view.with(|v| v.resolve_network(reference).cloned()) {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                let (networks, _) = self.cluster.read_networks().await?;
+                Ok(cluster::resolve(&networks, reference)?.clone())
+            }
+        }
+    }
+
+    /// Claims an address on `network` and programs the interface `ifname` in the container.
+    /// On any failure nothing is left: the claim is released again.
+    async fn attach(
+        &self,
+        record: &ContainerRecord,
+        ns: &NetNs,
+        network: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Attachment, Error> {
+        let stored = self.resolve_network(network).await?;
+        let net = &stored.network;
+        if record.attachments.iter().any(|a| a.network_id == net.id) {
+            return Err(Error::AlreadyConnected {
+                container: record.name.clone(),
+                network: net.name.clone(),
+            });
+        }
+        let mtu = self.reconciler.mtu_for(net).await?;
+        let known = self
+            .view
+            .with(|v| (v.revision > 0).then(|| v.known_addresses(&net.id)));
+        let req = EndpointCreate {
+            name: Some(record.name.clone()),
+            ip,
+        };
+        let endpoint = self
+            .cluster
+            .create_endpoint(&stored, req, known)
+            .await?
+            .value;
+        let ifname = (0..)
+            .map(|i| format!("eth{i}"))
+            .find(|n| record.attachments.iter().all(|a| &a.ifname != n))
+            .unwrap_or_else(|| "eth0".into());
+        let att = Attachment {
+            network_id: net.id.clone(),
+            network_name: net.name.clone(),
+            endpoint_id: endpoint.id.clone(),
+            ifname,
+            ip: endpoint.ip,
+            prefix_len: net.subnet.prefix_len(),
+            mac: endpoint.mac,
+            gateway: net.gateway,
+            mtu,
+        };
+        if let Err(e) = self.reconciler.attach(ns, net, &att).await {
+            self.release(&att).await;
+            return Err(e);
+        }
+        Ok(att)
+    }
+
+    /// Removes an attachment's interface and its endpoint in the store. Best effort: used on
+    /// the way out, where a failure is logged, not returned.
+    async fn release(&self, att: &Attachment) {
+        if let Err(e) = self
+            .cluster
+            .delete_endpoint(&att.network_id, &att.endpoint_id)
+            .await
+        {
+            if !matches!(e, Error::EndpointNotFound(_)) {
+                tracing::warn!(endpoint = %att.endpoint_id.short(), error = %e, "cannot delete endpoint");
+            }
+        }
+        if let Err(e) = self.reconciler.detach(att).await {
+            tracing::warn!(endpoint = %att.endpoint_id.short(), error = %e, "cannot remove interface");
+        }
+    }
+
+    /// Creates a container: its namespace, its first network attachment. Its process is
+    /// started by the caller, who then calls `start` with the PID.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<ContainerRecord, Error> {
+        let id = Id::random();
+        let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
+        cluster::validate_name("container", &name)?;
+        let hostname = req
+            .hostname
+            .clone()
+            .unwrap_or_else(|| id.short().to_string());
+        if !hostname_ok(&hostname) {
+            return Err(Error::invalid(format!(
+                "invalid hostname {hostname:?}: use 1 to 63 letters, digits and '-'"
+            )));
+        }
+        let netns = self.netns_dir.join(id.short());
+        let mut record = ContainerRecord {
+            id: id.clone(),
+            name: name.clone(),
+            hostname,
+            command: req.command.clone(),
+            netns: netns.clone(),
+            created: model::now_rfc3339(),
+            state: ContainerState::Created,
+            attachments: vec![],
+            auto_remove: req.auto_remove,
+        };
+        if !self
+            .registry
+            .insert_new(record.clone())
+            .map_err(|e| Error::io("saving container record", e))?
+        {
+            return Err(Error::ContainerNameInUse(name));
+        }
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
+        let made = async {
+            let ns = NetNs::create_named(&netns)
+                .map_err(|e| Error::io(format!("creating namespace {}", netns.display()), e))?;
+            let h = ns
+                .netlink()
+                .map_err(|e| Error::io("netlink in the container namespace", e))?;
+            crate::netns::set_link_up(&h, "lo")
+                .await
+                .map_err(|e| Error::io("bringing lo up", std::io::Error::other(e.to_string())))?;
+            self.attach(&record, &ns, &req.network, req.ip).await
+        }
+        .await;
+        match made {
+            Ok(att) => {
+                record.attachments.push(att);
+                self.registry
+                    .put(record.clone())
+                    .map_err(|e| Error::io("saving container record", e))?;
+            }
+            Err(e) => {
+                let _ = NetNs::remove_named(&netns);
+                let _ = self.registry.remove(&id);
+                return Err(e);
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(START_DEADLINE).await;
+            if me
+                .registry
+                .get(&id)
+                .is_some_and(|r| r.state == ContainerState::Created)
+            {
+                tracing::warn!(container = %id.short(), "no process started in time; cleaning up");
+                me.finish(&id).await;
+            }
+        });
+        Ok(record)
+    }
+
+    /// Records the container's process (started by the CLI inside the container's
+    /// namespace) and watches it.
+    pub async fn start(
+        self: &Arc<Self>,
+        reference: &str,
+        pid: u32,
+    ) -> Result<ContainerRecord, Error> {
+        let record = self.find(reference)?;
+        let lock = self.lock_for(&record.id);
+        let _guard = lock.lock().await;
+        let mut record = self.find(reference)?;
+        if record.state != ContainerState::Created {
+            return Err(Error::conflict(format!(
+                "container {} was already started",
+                record.name
+            )));
+        }
+        // Only a process inside the container's own namespace may stand for it.
+        let inside = process::in_netns(pid, &record.netns)
+            .map_err(|e| Error::invalid(format!("process {pid}: {e}")))?;
+        if !inside {
+            return Err(Error::invalid(format!(
+                "process {pid} is not in container {}'s network namespace",
+                record.name
+            )));
+        }
+        let start_time =
+            process::start_time(pid).map_err(|e| Error::io(format!("process {pid}"), e))?;
+        let handle =
+            Arc::new(ProcessHandle::open(pid).map_err(|e| Error::io(format!("process {pid}"), e))?);
+        record.state = ContainerState::Running { pid, start_time };
+        self.registry
+            .put(record.clone())
+            .map_err(|e| Error::io("saving container record", e))?;
+        self.watch(record.id.clone(), handle);
+        Ok(record)
+    }
+
+    fn watch(self: &Arc<Self>, id: Id, handle: Arc<ProcessHandle>) {
+        if let Ok(mut p) = self.processes.lock() {
+            p.insert(id.clone(), handle.clone());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle.exited().await {
+                tracing::warn!(container = %id.short(), error = %e, "cannot watch the container's process");
+                return;
+            }
+            me.finish(&id).await;
+        });
+    }
+
+    /// The process is gone: remove its endpoints (here and, through the store, everywhere),
+    /// mark it exited, and remove it entirely if it was `--rm`. Safe to call twice.
+    async fn finish(&self, id: &Id) {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Some(mut record) = self.registry.get(id) else {
+            return;
+        };
+        if matches!(record.state, ContainerState::Exited { .. }) {
+            return;
+        }
+        if let Ok(mut p) = self.processes.lock() {
+            p.remove(id);
+        }
+        // Mark it exited first, so that `release` sees its attachments as no longer live.
+        record.state = ContainerState::Exited {
+            at: model::now_rfc3339(),
+        };
+        let attachments = std::mem::take(&mut record.attachments);
+        if let Err(e) = self.registry.put(record.clone()) {
+            tracing::warn!(container = %id.short(), error = %e, "cannot save container record");
+        }
+        for att in &attachments {
+            self.release(att).await;
+        }
+        if record.auto_remove {
+            self.discard(&record);
+        }
+        tracing::info!(container = %record.name, "container exited; endpoints removed");
+    }
+
+    fn discard(&self, record: &ContainerRecord) {
+        if let Err(e) = NetNs::remove_named(&record.netns) {
+            tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
+        }
+        if let Err(e) = self.registry.remove(&record.id) {
+            tracing::warn!(container = %record.id.short(), error = %e, "cannot remove record");
+        }
+        if let Ok(mut l) = self.locks.lock() {
+            l.remove(&record.id);
+        }
+    }
+
+    fn handle(&self, id: &Id) -> Option<Arc<ProcessHandle>> {
+        self.processes.lock().ok().and_then(|p| p.get(id).cloned())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once the container is cleaned up.
+    pub async fn stop(&self, reference: &str, grace: Duration) -> Result<ContainerRecord, Error> {
+        let record = self.find(reference)?;
+        if let Some(handle) = self.handle(&record.id) {
+            handle
+                .signal(libc::SIGTERM)
+                .map_err(|e| Error::io(format!("signalling {}", record.name), e))?;
+            if tokio::time::timeout(grace, handle.exited()).await.is_err() {
+                handle
+                    .signal(libc::SIGKILL)
+                    .map_err(|e| Error::io(format!("killing {}", record.name), e))?;
+                let _ = handle.exited().await;
+            }
+        }
+        self.finish(&record.id).await;
+        self.registry
+            .get(&record.id)
+            .ok_or_else(|| Error::ContainerNotFound(reference.to_string()))
+    }
+
+    /// Removes a container; a running one only with `force` (it is killed first).
+    pub async fn remove(&self, reference: &str, force: bool) -> Result<(), Error> {
+        let record = self.find(reference)?;
+        if matches!(record.state, ContainerState::Running { .. }) {
+            if !force {
+                return Err(Error::ContainerRunning(record.name));
+            }
+            self.stop(reference, Duration::ZERO).await?;
+        } else {
+            self.finish(&record.id).await;
+        }
+        if let Some(r) = self.registry.get(&record.id) {
+            self.discard(&r);
+        }
+        Ok(())
+    }
+
+    /// Attaches a running (or created) container to another network.
+    pub async fn connect(
+        &self,
+        reference: &str,
+        req: ConnectRequest,
+    ) -> Result<ContainerRecord, Error> {
+        let record = self.find(reference)?;
+        let lock = self.lock_for(&record.id);
+        let _guard = lock.lock().await;
+        let mut record = self.find(reference)?;
+        if matches!(record.state, ContainerState::Exited { .. }) {
+            return Err(Error::ContainerNotRunning(record.name));
+        }
+        let ns = NetNs::open(&record.netns)
+            .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
+        let att = self.attach(&record, &ns, &req.network, req.ip).await?;
+        record.attachments.push(att.clone());
+        if let Err(e) = self.registry.put(record.clone()) {
+            self.release(&att).await;
+            return Err(Error::io("saving container record", e));
+        }
+        Ok(record)
+    }
+
+    /// Detaches a container from one network.
+    pub async fn disconnect(
+        &self,
+        reference: &str,
+        network: &str,
+    ) -> Result<ContainerRecord, Error> {
+        let record = self.find(reference)?;
+        let lock = self.lock_for(&record.id);
+        let _guard = lock.lock().await;
+        let mut record = self.find(reference)?;
+        let pos = record
+            .attachments
+            .iter()
+            .position(|a| a.network_name == network || a.network_id.as_str().starts_with(network))
+            .ok_or_else(|| Error::NotConnected {
+                container: record.name.clone(),
+                network: network.to_string(),
+            })?;
+        let att = record.attachments.remove(pos);
+        self.registry
+            .put(record.clone())
+            .map_err(|e| Error::io("saving container record", e))?;
+        self.release(&att).await;
+        Ok(record)
+    }
+
+    /// After a daemon restart: re-watch containers whose process still runs (same PID and
+    /// start time), clean up those whose process is gone or never started.
+    pub async fn recover(self: &Arc<Self>) {
+        for record in self.registry.list() {
+            match record.state {
+                ContainerState::Running { pid, start_time } => {
+                    let alive = process::start_time(pid).is_ok_and(|t| t == start_time);
+                    match ProcessHandle::open(pid) {
+                        Ok(h) if alive => self.watch(record.id.clone(), Arc::new(h)),
+                        _ => self.finish(&record.id).await,
+                    }
+                }
+                ContainerState::Created => self.finish(&record.id).await,
+                ContainerState::Exited { .. } => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Containers this host runs: their records, kept in memory and in the state directory (one
+//! JSON file each, written atomically) so that a restarted daemon finds them again.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EndpointId, Id, Mac, NetworkId};
+use crate::node::write_atomically;
+
+/// Where a container's process is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum ContainerState {
+    /// Network set up, process not started yet.
+    Created,
+    /// The process runs. `start_time` (clock ticks since boot, from /proc/PID/stat) tells this
+    /// process from a later one that got the same PID.
+    Running { pid: u32, start_time: u64 },
+    /// The process is gone; its endpoints have been removed.
+    Exited { at: String },
+}
+
+/// One network interface of a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network_id: NetworkId,
+    pub network_name: String,
+    pub endpoint_id: EndpointId,
+    /// The interface name inside the container (eth0, eth1, …).
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: Mac,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+impl Attachment {
+    /// The sandbox-side veth's name: "veth" + 7 characters of the endpoint ID (15 max).
+    pub fn host_ifname(&self) -> String {
+        format!("veth{}", &self.endpoint_id.as_str()[..7])
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: Id,
+    pub name: String,
+    pub hostname: String,
+    pub command: Vec<String>,
+    /// The container's network namespace, bind-mounted under the run dir.
+    pub netns: PathBuf,
+    pub created: String,
+    #[serde(flatten)]
+    pub state: ContainerState,
+    pub attachments: Vec<Attachment>,
+    /// Remove the container (record and namespace) when its process exits (`run --rm`).
+    pub auto_remove: bool,
+}
+
+impl ContainerRecord {
+    pub fn pid(&self) -> Option<u32> {
+        match self.state {
+            ContainerState::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+}
+
+/// The records of this host's containers.
+pub struct Registry {
+    dir: PathBuf,
+    records: Mutex<BTreeMap<Id, ContainerRecord>>,
+}
+
+impl Registry {
+    /// Loads every record in `dir` (created if missing). Unreadable files are skipped with a
+    /// warning rather than stopping the daemon.
+    pub fn load(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut records = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<ContainerRecord>(&b).map_err(|e| e.to_string())
+                    }) {
+                    Ok(r) => {
+                        records.insert(r.id.clone(), r);
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "skipping unreadable container record")
+                    }
+                }
+            }
+        }
+        Ok(Registry {
+            dir: dir.to_path_buf(),
+            records: Mutex::new(records),
+        })
+    }
+
+    fn path(&self, id: &Id) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Id, ContainerRecord>> {
+        match self.records.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Stores (or replaces) a record, on disk first.
+    pub fn put(&self, record: ContainerRecord) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+        write_atomically(&self.path(&record.id), &bytes)?;
+        self.lock().insert(record.id.clone(), record);
+        Ok(())
+    }
+
+    /// Stores a new record unless its name is taken (checked and inserted atomically).
+    /// Returns false when the name is in use.
+    pub fn insert_new(&self, record: ContainerRecord) -> std::io::Result<bool> {
+        let mut records = self.lock();
+        if records.values().any(|r| r.name == record.name) {
+            return Ok(false);
+        }
+        let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+        write_atomically(&self.path(&record.id), &bytes)?;
+        records.insert(record.id.clone(), record);
+        Ok(true)
+    }
+
+    pub fn remove(&self, id: &Id) -> std::io::Result<()> {
+        self.lock().remove(id);
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn get(&self, id: &Id) -> Option<ContainerRecord> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<ContainerRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Finds a container by full ID, name, or unique ID prefix (Docker's order).
+    pub fn find(&self, reference: &str) -> Option<ContainerRecord> {
+        let records = self.lock();
+        if let Some(r) = records
+            .values()
+            .find(|r| r.id.as_str() == reference || r.name == reference)
+        {
+            return Some(r.clone());
+        }
+        if !Id::looks_like_prefix(reference) {
+            return None;
+        }
+        let mut matches = records
+            .values()
+            .filter(|r| r.id.as_str().starts_with(reference));
+        match (matches.next(), matches.next()) {
+            (Some(r), None) => Some(r.clone()),
+            _ => None,
+        }
+    }
+}
