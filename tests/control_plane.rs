@@ -372,7 +372,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(err.to_string().contains(message), "{what}: {err}");
     }
     // Raw requests: malformed JSON, wrong types, unknown fields, oversized bodies, bad routes.
-    let raw: Vec<(&str, Method, &str, Vec<u8>, StatusCode, &str)> = vec![
+    // (what, method, path, body, expected status, expected message)
+    type RawCase<'a> = (&'a str, Method, &'a str, Vec<u8>, StatusCode, &'a str);
+    let raw: Vec<RawCase> = vec![
         (
             "malformed JSON",
             Method::POST,
