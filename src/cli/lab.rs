@@ -1,13 +1,94 @@
 //! `vxnet lab …`.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::Subcommand;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ipnet::Ipv4Net;
+
+use crate::lab::host_init::{self, HostInit};
+use crate::lab::hosts::{DEFAULT_HOSTS, DEFAULT_NAME, DEFAULT_UNDERLAY};
+use crate::lab::{Lab, LabOptions};
 
 #[derive(Subcommand, Debug)]
 pub enum LabCommand {
     /// Run the seed walk-through end to end and print each step; exit 0 only if all held.
     Demo,
+    /// Start a lab: the seed's VMs as namespaces on one switch; etcd on vm1, a vxnet daemon
+    /// on vm2…vmN. Returns once every daemon is registered; the lab runs until `lab down`.
+    Up {
+        /// Number of hosts (vm1…vmN).
+        #[arg(long, default_value_t = DEFAULT_HOSTS)]
+        hosts: usize,
+        #[command(flatten)]
+        name: NameArg,
+        /// The hosts' network: vmK gets its (4+K)th address (vm1 .5, vm2 .6, …).
+        #[arg(long, default_value_t = DEFAULT_UNDERLAY)]
+        underlay: Ipv4Net,
+    },
+    /// Stop a lab's processes and remove its namespaces and files (safe to repeat).
+    Down {
+        #[command(flatten)]
+        name: NameArg,
+    },
+    /// Show a lab's hosts, addresses and processes; exit 1 if any of them is not running.
+    Status {
+        #[command(flatten)]
+        name: NameArg,
+        /// Output format: `json` for scripts.
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Run a command on a lab host (its network, mount and UTS namespaces), with VXNET_HOST
+    /// set to that host's daemon: `vxnet lab exec vm2 -- vxnet network ls`.
+    Exec {
+        #[command(flatten)]
+        name: NameArg,
+        /// vm1, vm2, …
+        host: String,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// (internal) The process holding one lab host's namespaces; started by `lab up`.
+    #[command(hide = true)]
+    HostInit(HostInitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// The lab's name (several labs can run at once).
+    #[arg(long = "name", default_value = DEFAULT_NAME)]
+    name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct HostInitArgs {
+    /// The lab this host belongs to (names the process in `ps`).
+    #[arg(long)]
+    lab_dir: PathBuf,
+    #[arg(long)]
+    hostname: String,
+    /// INSIDE=SOURCE: bind SOURCE on INSIDE in the host's mount namespace.
+    #[arg(long = "private", value_parser = host_init::parse_private)]
+    private: Vec<(PathBuf, PathBuf)>,
+}
+
+/// `lab host-init`: runs before any thread exists (it unshares the mount namespace).
+pub fn host_init(args: &HostInitArgs) -> ExitCode {
+    ExitCode::from(host_init::run(&HostInit {
+        lab_dir: args.lab_dir.clone(),
+        hostname: args.hostname.clone(),
+        private_dirs: args.private.clone(),
+    }))
 }
 
 pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
@@ -20,5 +101,190 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        LabCommand::Up {
+            hosts,
+            name,
+            underlay,
+        } => up(hosts, name.name, underlay).await,
+        LabCommand::Down { name } => down(&name.name),
+        LabCommand::Status { name, format } => status(&name.name, format.as_deref()),
+        LabCommand::Exec {
+            name,
+            host,
+            command,
+        } => exec(&name.name, &host, command).await,
+        LabCommand::HostInit(_) => {
+            anyhow::bail!("`vxnet lab host-init` is started by `vxnet lab up`, not by hand")
+        }
     }
+}
+
+async fn up(hosts: usize, name: String, underlay: Ipv4Net) -> anyhow::Result<ExitCode> {
+    let binary = std::env::current_exe().context("cannot find the vxnet binary itself")?;
+    let opts = LabOptions {
+        hosts,
+        underlay: underlay.trunc(),
+        ..LabOptions::new(&name, binary)
+    };
+    let started = Instant::now();
+    // Ctrl-C while starting: dropping the future removes what was made so far.
+    let lab = tokio::select! {
+        r = Lab::up(opts) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: lab {name} was not started (nothing left behind)"),
+    };
+    println!(
+        "lab {} is up in {:.1}s: {} hosts on {} (switch {} in {})",
+        lab.name(),
+        started.elapsed().as_secs_f64(),
+        lab.hosts().len(),
+        lab.underlay(),
+        crate::lab::hosts::BRIDGE,
+        lab.switch_netns_path().display(),
+    );
+    print_hosts(&lab);
+    let flag = if name == DEFAULT_NAME {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    };
+    println!("\n  vxnet lab exec{flag} vm2 -- vxnet network ls");
+    println!("  vxnet lab status{flag}");
+    println!("  vxnet lab down{flag}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_hosts(lab: &Lab) -> bool {
+    let mut all_alive = true;
+    println!(
+        "{:<6} {:<16} {:<8} {:<8} {:<8} LOG / SOCKET",
+        "HOST", "ADDRESS", "PROCESS", "PID", "STATE"
+    );
+    for h in lab.hosts() {
+        let procs = std::iter::once(h.init()).chain(h.processes());
+        for p in procs {
+            let alive = p.is_alive();
+            all_alive &= alive;
+            let extra = if p.role == "init" {
+                if h.processes().iter().any(|p| p.role == "daemon") {
+                    h.socket_path().display().to_string()
+                } else {
+                    String::new()
+                }
+            } else {
+                p.log.display().to_string()
+            };
+            println!(
+                "{:<6} {:<16} {:<8} {:<8} {:<8} {}",
+                h.name(),
+                h.addr().to_string(),
+                p.role,
+                p.pid,
+                if alive { "running" } else { "dead" },
+                extra
+            );
+        }
+    }
+    all_alive
+}
+
+fn down(name: &str) -> anyhow::Result<ExitCode> {
+    let report = Lab::down_by_name(name)?;
+    if !report.existed {
+        println!("lab {name} is not up (nothing to remove)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "lab {name} removed: {} process(es) stopped, {} already gone",
+        report.stopped, report.gone
+    );
+    let mut ok = true;
+    if !report.stuck.is_empty() {
+        ok = false;
+        eprintln!(
+            "warning: still running after SIGKILL: {}",
+            report.stuck.join(", ")
+        );
+    }
+    if !report.strangers.is_empty() {
+        eprintln!(
+            "warning: processes the lab did not start still run in its namespaces (not killed): {:?}",
+            report.strangers
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(name: &str, format: Option<&str>) -> anyhow::Result<ExitCode> {
+    let lab = Lab::open(name)?;
+    let alive = match format {
+        Some("json") => {
+            let mut v = serde_json::to_value(lab.state())?;
+            for (i, h) in lab.hosts().iter().enumerate() {
+                v["hosts"][i]["socket"] = h.socket_path().display().to_string().into();
+                v["hosts"][i]["init"]["alive"] = h.init().is_alive().into();
+                for (j, p) in h.processes().iter().enumerate() {
+                    v["hosts"][i]["processes"][j]["alive"] = p.is_alive().into();
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            lab.is_alive()
+        }
+        Some(other) => anyhow::bail!("unknown --format {other:?}: use json"),
+        None => {
+            println!(
+                "lab {} ({}): {} hosts on {}, etcd at {}",
+                lab.name(),
+                lab.dir().display(),
+                lab.hosts().len(),
+                lab.underlay(),
+                lab.cluster_store()
+            );
+            print_hosts(&lab)
+        }
+    };
+    Ok(if alive {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn exec(name: &str, host: &str, command: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    let lab = Lab::open(name)?;
+    let host = lab.host(host)?;
+    let Some((program, args)) = command.split_first() else {
+        anyhow::bail!("no command given: vxnet lab exec HOST -- CMD…");
+    };
+    let mut cmd = host.command(program)?;
+    cmd.args(args);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // As a shell says it: 127 for a command that is not there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "vxnet lab exec: {}: command not found on {}",
+                program.to_string_lossy(),
+                host.name()
+            );
+            return Ok(ExitCode::from(127));
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot run {program:?} on {}", host.name()))
+        }
+    };
+    // Ctrl-C reaches the command (same process group); this process waits for its exit code.
+    let ignore_interrupts = tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    ignore_interrupts.abort();
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

@@ -75,6 +75,11 @@ enum Command {
 /// Parses the command line, runs it, and turns failures into a message and exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A lab host's init unshares its mount namespace, which must happen while this process
+    // has a single thread: before the runtime exists.
+    if let Command::Lab(lab::LabCommand::HostInit(args)) = &cli.command {
+        return lab::host_init(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -20,6 +20,45 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The arguments of a single-member etcd named `name`: clients on port 2379 of every address
+/// in `listen` (advertised on `advertise`), peers on `advertise`:2380, data in `data_dir`.
+pub fn server_args(
+    name: &str,
+    listen: &[Ipv4Addr],
+    advertise: Ipv4Addr,
+    data_dir: &Path,
+) -> Vec<std::ffi::OsString> {
+    let listen_clients: Vec<String> = listen
+        .iter()
+        .map(|a| format!("http://{a}:{CLIENT_PORT}"))
+        .collect();
+    let client = format!("http://{advertise}:{CLIENT_PORT}");
+    let peer = format!("http://{advertise}:{PEER_PORT}");
+    [
+        "--name",
+        name,
+        "--listen-client-urls",
+        &listen_clients.join(","),
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &format!("{name}={peer}"),
+        "--initial-cluster-state",
+        "new",
+        // Docker 20.10's legacy cluster store speaks etcd's v2 API.
+        "--enable-v2=true",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.into())
+    .chain(std::iter::once(data_dir.as_os_str().to_owned()))
+    .collect()
+}
+
 /// A running single-member etcd, stopped by PID on drop.
 #[derive(Debug)]
 pub struct EtcdServer {
@@ -42,27 +81,8 @@ impl EtcdServer {
             package: "etcd-server",
         })?;
         std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
-        let client = format!("http://{addr}:{CLIENT_PORT}");
-        let peer = format!("http://{addr}:{PEER_PORT}");
         let mut cmd = Command::new(etcd);
-        cmd.arg("--name")
-            .arg("etcd0")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("etcd0={peer}"))
-            .arg("--initial-cluster-state")
-            .arg("new")
-            // Docker 20.10's legacy cluster store speaks etcd's v2 API.
-            .arg("--enable-v2=true");
+        cmd.args(server_args("etcd0", &[addr], addr, &dir.join("data")));
         ns.command(&mut cmd).map_err(|e| LabError::io(dir, e))?;
         let log = dir.join("etcd.log");
         let process = ChildGuard::spawn("etcd", cmd, &log, die_with_parent)

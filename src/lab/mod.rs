@@ -4,10 +4,19 @@
 //!
 //! `LocalCluster` is the control-plane lab: one private namespace holding etcd and N daemons
 //! (each with its own state dir and socket), used by the tests, the benchmarks and `lab demo`.
+//!
+//! [`Lab`] (`hosts.rs`, `vxnet lab up/exec/status/down`) is the real lab: the seed's VMs as
+//! hosts with their own network, mount and UTS namespaces on a shared switch, etcd on vm1
+//! and a daemon on each other host, all outliving the process that started them.
 
 pub mod demo;
 pub mod etcd;
+pub mod host_init;
+pub mod hosts;
 pub mod process;
+pub mod sys;
+
+pub use hosts::{DownReport, Host, Lab, LabGuard, LabNameGuard, LabOptions};
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -37,6 +46,26 @@ pub enum LabError {
     Netlink(String),
     #[error("the lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN to create namespaces): run it with sudo")]
     NotRoot,
+    #[error("lab {name} is already up: `vxnet lab down --name {name}` first")]
+    AlreadyUp { name: String },
+    #[error("no lab named {name} is up: `vxnet lab up --name {name}` starts one")]
+    NotUp { name: String },
+    #[error("lab {name} is still starting or was left half-made (its `lab up` did not finish): `vxnet lab down --name {name}` removes what there is")]
+    HalfMade { name: String },
+    #[error("lab {lab} has no host {host}: its hosts are {hosts}")]
+    UnknownHost {
+        lab: String,
+        host: String,
+        hosts: String,
+    },
+    #[error("host {host} of lab {lab} is down (its init process is gone): `vxnet lab down --name {lab}`, then `vxnet lab up --name {lab}`")]
+    HostDown { lab: String, host: String },
+    #[error("invalid lab option: {0}")]
+    InvalidOption(String),
+    #[error(
+        "lab state file {path} is unreadable: {detail}. `vxnet lab down` still removes the lab"
+    )]
+    State { path: PathBuf, detail: String },
 }
 
 impl LabError {

@@ -1,0 +1,997 @@
+//! The real lab: the seed's VMs as namespaces on this machine (`vxnet lab up/exec/status/down`).
+//!
+//! A lab NAME lives in `/run/vxnet-lab/NAME/`:
+//!
+//! ```text
+//! lab.json                 every host, address, PID (with its start time) and log
+//! netns/switch             network namespace holding bridge br0 (the seed's private network)
+//! netns/vm1 … netns/vmN    each host's network namespace: lo, eth0 = 192.0.2.(4+K)/24
+//! hosts/vmK/fs/…           each host's private directories (/var/lib/vxnet, …)
+//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log
+//! ```
+//!
+//! Each host is held by a `vxnet lab host-init` process (see `host_init.rs`) that owns the
+//! host's mount and UTS namespaces: its own `/run` (a tmpfs), its own private directories
+//! bound from the lab dir, hostname vmK. etcd runs on vm1, `vxnet daemon` on vm2…vmN, each
+//! started by setns into its host's init's namespaces; they outlive the `lab up` process and
+//! are stopped by `lab down`, by PID and only after checking the PID's start time.
+//!
+//! Nothing is created in the machine's root network namespace: the veth pairs are created
+//! from inside the switch namespace with their peer directly in the host's namespace.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use nix::mount::{umount2, MntFlags};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::etcd::{self, find_program, CLIENT_PORT};
+use super::host_init::READY;
+use super::sys::{self, HostNamespaces, ProcRecord};
+use super::{require_root, LabError};
+use crate::api::client::Client;
+use crate::netns::{self, NetNs};
+
+/// Where labs live (one directory per lab name).
+pub const DEFAULT_ROOT: &str = "/run/vxnet-lab";
+pub const DEFAULT_NAME: &str = "lab";
+pub const DEFAULT_HOSTS: usize = 3;
+/// The underlay (the seed used 172.28.128.0/24; this is TEST-NET-1, never routed).
+pub const DEFAULT_UNDERLAY: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24) {
+    Ok(n) => n,
+    Err(_) => panic!("a /24 is a valid prefix"),
+};
+/// Directories each host has to itself (bound from `hosts/vmK/fs/…` in the lab dir).
+/// `/run` is always private too (a tmpfs per host).
+pub const DEFAULT_PRIVATE_DIRS: &[&str] = &[
+    "/var/lib/vxnet",
+    "/var/lib/etcd",
+    "/var/lib/docker",
+    "/etc/docker",
+];
+/// The bridge in the switch namespace.
+pub const BRIDGE: &str = "br0";
+pub const UNDERLAY_MTU: u32 = 1500;
+/// The daemon's socket, as seen inside a host.
+pub const HOST_SOCKET: &str = "/run/vxnet/vxnet.sock";
+/// etcd's data directory inside vm1 (a private directory of the host).
+const ETCD_DATA_DIR: &str = "/var/lib/etcd/lab";
+const STATE_FILE: &str = "lab.json";
+const MAX_NAME: usize = 32;
+
+/// How to build a lab.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Lab name: letters, digits, `-`, `_`, `.` (not starting with `.`).
+    pub name: String,
+    /// Number of hosts (vm1 runs etcd, vm2…vmN a daemon each).
+    pub hosts: usize,
+    /// vmK gets the (4+K)th address of this network (vm1 .5, vm2 .6, …).
+    pub underlay: Ipv4Net,
+    /// The `vxnet` binary the hosts' init processes and daemons run.
+    pub binary: PathBuf,
+    /// Parent of the lab directory (default `/run/vxnet-lab`).
+    pub root: PathBuf,
+    /// Directories (absolute, not under /run) each host gets to itself.
+    pub private_dirs: Vec<PathBuf>,
+    /// How long etcd and each daemon may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl LabOptions {
+    pub fn new(name: &str, binary: PathBuf) -> Self {
+        LabOptions {
+            name: name.to_string(),
+            hosts: DEFAULT_HOSTS,
+            underlay: DEFAULT_UNDERLAY,
+            binary,
+            root: PathBuf::from(DEFAULT_ROOT),
+            private_dirs: DEFAULT_PRIVATE_DIRS.iter().map(PathBuf::from).collect(),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn validate(&self) -> Result<(), LabError> {
+        validate_name(&self.name)?;
+        if self.hosts == 0 {
+            return Err(LabError::InvalidOption(
+                "--hosts must be at least 1 (vm1 runs etcd)".into(),
+            ));
+        }
+        if host_addr(self.underlay, self.hosts).is_none() {
+            return Err(LabError::InvalidOption(format!(
+                "underlay {} has no room for {} hosts (vmK gets its (4+K)th address): \
+                 use a larger network or fewer hosts",
+                self.underlay, self.hosts
+            )));
+        }
+        for d in &self.private_dirs {
+            let s = d.to_string_lossy();
+            if !d.is_absolute()
+                || d.starts_with("/run")
+                || d == Path::new("/")
+                || s.contains('=')
+                || d.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(LabError::InvalidOption(format!(
+                    "private directory {s:?}: give an absolute path without `..` or `=`, \
+                     not / and not under /run (each host's /run is already private)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), LabError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::InvalidOption(format!(
+            "lab name {name:?}: use 1 to {MAX_NAME} letters, digits, `-`, `_` or `.` (not a leading `.`)"
+        )))
+    }
+}
+
+/// The underlay address of host vmK (K from 1): the network's (4+K)th address, if the
+/// network holds it (and it is not the broadcast address).
+pub fn host_addr(underlay: Ipv4Net, k: usize) -> Option<Ipv4Addr> {
+    let net = u32::from(underlay.network()) as u64;
+    let bcast = u32::from(underlay.broadcast()) as u64;
+    let a = net + 4 + k as u64;
+    (k >= 1 && a < bcast).then(|| Ipv4Addr::from(a as u32))
+}
+
+/// A lab as recorded in `lab.json` (written after every step of `lab up`, so that `lab down`
+/// finds everything even after a crash half-way).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub dir: PathBuf,
+    pub underlay: Ipv4Net,
+    pub binary: PathBuf,
+    /// Set once `lab up` has finished; a lab without it is half-made.
+    pub complete: bool,
+    pub switch_netns: PathBuf,
+    pub bridge: String,
+    pub hosts: Vec<HostState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostState {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub netns: PathBuf,
+    /// The host's init (namespace holder).
+    pub init: Option<ProcRecord>,
+    /// etcd (vm1) or the daemon (vm2…).
+    pub processes: Vec<ProcRecord>,
+}
+
+impl LabState {
+    fn save(&self) -> Result<(), LabError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| LabError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text).map_err(|e| LabError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| LabError::io(&path, e))
+    }
+
+    /// The state in `dir`, or `None` when there is no state file.
+    fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| LabError::State {
+                    path,
+                    detail: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LabError::io(&path, e)),
+        }
+    }
+}
+
+/// A lab that is up.
+#[derive(Debug)]
+pub struct Lab {
+    state: LabState,
+    hosts: Vec<Host>,
+}
+
+/// One host of a lab (one of the seed's VMs).
+#[derive(Clone, Debug)]
+pub struct Host {
+    lab: String,
+    name: String,
+    addr: Ipv4Addr,
+    netns: PathBuf,
+    init: ProcRecord,
+    processes: Vec<ProcRecord>,
+}
+
+impl Host {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The host's underlay address (on its `eth0`).
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// PID of the process holding the host's namespaces.
+    pub fn init_pid(&self) -> u32 {
+        self.init.pid
+    }
+
+    pub fn init(&self) -> &ProcRecord {
+        &self.init
+    }
+
+    /// etcd (vm1) or the daemon (vm2…), as started by `lab up`.
+    pub fn processes(&self) -> &[ProcRecord] {
+        &self.processes
+    }
+
+    /// The host's daemon socket as reachable from outside the host: through the init's root
+    /// (`/proc/PID/root/run/vxnet/vxnet.sock`), which resolves in the host's mount namespace.
+    pub fn socket_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{HOST_SOCKET}", self.init.pid))
+    }
+
+    /// A client of the host's daemon.
+    pub fn client(&self) -> Client {
+        Client::from_socket(self.socket_path())
+    }
+
+    /// The file of the host's network namespace (for `nsenter --net=…`).
+    pub fn netns_path(&self) -> &Path {
+        &self.netns
+    }
+
+    /// The host's network namespace (for netlink or sockets from this process).
+    pub fn netns(&self) -> Result<NetNs, LabError> {
+        NetNs::open(&self.netns).map_err(|e| LabError::io(&self.netns, e))
+    }
+
+    /// A command that runs on this host: in its network, mount and UTS namespaces, with
+    /// `VXNET_HOST` pointing at the host's daemon. Fails if the host's init is gone.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command, LabError> {
+        let mut cmd = Command::new(program);
+        cmd.env("VXNET_HOST", format!("unix://{HOST_SOCKET}"));
+        self.enter(&mut cmd, false)?;
+        Ok(cmd)
+    }
+
+    fn enter(&self, cmd: &mut Command, new_session: bool) -> Result<(), LabError> {
+        let proc_dir = PathBuf::from(format!("/proc/{}", self.init.pid));
+        let ns = HostNamespaces::open(&self.init)
+            .map_err(|e| LabError::io(&proc_dir, e))?
+            .ok_or_else(|| LabError::HostDown {
+                lab: self.lab.clone(),
+                host: self.name.clone(),
+            })?;
+        ns.apply(cmd, new_session);
+        Ok(())
+    }
+
+    /// Whether the host's init and every process `lab up` started on it still run.
+    pub fn is_alive(&self) -> bool {
+        self.init.is_alive() && self.processes.iter().all(ProcRecord::is_alive)
+    }
+}
+
+/// What `lab down` did.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    /// Whether there was anything of the lab to remove.
+    pub existed: bool,
+    /// Processes of the lab that were running and were stopped.
+    pub stopped: usize,
+    /// Recorded processes already gone.
+    pub gone: usize,
+    /// Processes that survived SIGKILL ("role PID").
+    pub stuck: Vec<String>,
+    /// Processes the lab did not start that were still inside its namespaces (e.g. left by
+    /// `lab exec`): not killed, only reported. The namespaces live until they exit.
+    pub strangers: Vec<u32>,
+}
+
+impl Lab {
+    /// Builds a lab: namespaces, switch, hosts, etcd on vm1 and a daemon on each other host.
+    /// Returns when etcd is healthy and every daemon is registered and synced. On any error,
+    /// everything made so far is removed again before the error is returned.
+    pub async fn up(opts: LabOptions) -> Result<Lab, LabError> {
+        require_root()?;
+        opts.validate()?;
+        let etcd_bin = find_program("etcd").ok_or(LabError::MissingProgram {
+            program: "etcd",
+            package: "etcd-server",
+        })?;
+        if !opts.binary.is_file() {
+            return Err(LabError::InvalidOption(format!(
+                "vxnet binary {} not found",
+                opts.binary.display()
+            )));
+        }
+        std::fs::create_dir_all(&opts.root).map_err(|e| LabError::io(&opts.root, e))?;
+        let dir = opts.root.join(&opts.name);
+        // Creating the directory is what claims the name: a second `lab up` stops here
+        // without touching the first lab.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(LabError::AlreadyUp { name: opts.name });
+            }
+            Err(e) => return Err(LabError::io(&dir, e)),
+        }
+        // From here on, an error, a panic or a cancelled future removes what was made.
+        let mut guard = UpGuard {
+            dir: dir.clone(),
+            armed: true,
+        };
+        let lab = build(&opts, &dir, &etcd_bin).await?;
+        guard.armed = false;
+        Ok(lab)
+    }
+
+    /// Opens the lab `name` under the default root.
+    pub fn open(name: &str) -> Result<Lab, LabError> {
+        Self::open_in(Path::new(DEFAULT_ROOT), name)
+    }
+
+    /// Opens the lab `name` under `root`.
+    pub fn open_in(root: &Path, name: &str) -> Result<Lab, LabError> {
+        validate_name(name)?;
+        let dir = root.join(name);
+        if !dir.is_dir() {
+            return Err(LabError::NotUp { name: name.into() });
+        }
+        let state =
+            LabState::load(&dir)?.ok_or_else(|| LabError::HalfMade { name: name.into() })?;
+        Self::from_state(state)
+    }
+
+    fn from_state(state: LabState) -> Result<Lab, LabError> {
+        if !state.complete {
+            return Err(LabError::HalfMade { name: state.name });
+        }
+        let mut hosts = Vec::with_capacity(state.hosts.len());
+        for h in &state.hosts {
+            let init = h.init.clone().ok_or_else(|| LabError::HalfMade {
+                name: state.name.clone(),
+            })?;
+            hosts.push(Host {
+                lab: state.name.clone(),
+                name: h.name.clone(),
+                addr: h.addr,
+                netns: h.netns.clone(),
+                init,
+                processes: h.processes.clone(),
+            });
+        }
+        Ok(Lab { state, hosts })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// The lab's directory (`/run/vxnet-lab/NAME`).
+    pub fn dir(&self) -> &Path {
+        &self.state.dir
+    }
+
+    pub fn underlay(&self) -> Ipv4Net {
+        self.state.underlay
+    }
+
+    /// What `lab.json` holds.
+    pub fn state(&self) -> &LabState {
+        &self.state
+    }
+
+    /// vm1, vm2, …
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn host(&self, name: &str) -> Result<&Host, LabError> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::UnknownHost {
+                lab: self.state.name.clone(),
+                host: name.to_string(),
+                hosts: self
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// `etcd://VM1:2379`: the cluster store the daemons use.
+    pub fn cluster_store(&self) -> String {
+        format!("etcd://{}:{CLIENT_PORT}", self.hosts[0].addr)
+    }
+
+    /// The switch's network namespace file.
+    pub fn switch_netns_path(&self) -> &Path {
+        &self.state.switch_netns
+    }
+
+    /// Whether every process of the lab still runs.
+    pub fn is_alive(&self) -> bool {
+        self.hosts.iter().all(Host::is_alive)
+    }
+
+    /// Stops every process the lab started and removes its namespaces and files.
+    pub fn down(self) -> Result<DownReport, LabError> {
+        teardown(&self.state.dir)
+    }
+
+    /// `lab down` by name (default root): safe to repeat, and on a half-made or crashed lab.
+    pub fn down_by_name(name: &str) -> Result<DownReport, LabError> {
+        Self::down_in(Path::new(DEFAULT_ROOT), name)
+    }
+
+    pub fn down_in(root: &Path, name: &str) -> Result<DownReport, LabError> {
+        validate_name(name)?;
+        teardown(&root.join(name))
+    }
+}
+
+/// Downs a lab when dropped (tests: no lab outlives a failed assertion).
+#[derive(Debug)]
+pub struct LabGuard {
+    lab: Option<Lab>,
+}
+
+impl LabGuard {
+    pub fn new(lab: Lab) -> Self {
+        LabGuard { lab: Some(lab) }
+    }
+
+    /// Downs the lab now, reporting errors (instead of on drop, where they are only printed).
+    pub fn down(mut self) -> Result<DownReport, LabError> {
+        match self.lab.take() {
+            Some(lab) => lab.down(),
+            None => Ok(DownReport::default()),
+        }
+    }
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        // `lab` is only taken by `down(self)`, which consumes the guard.
+        match &self.lab {
+            Some(lab) => lab,
+            None => unreachable!("LabGuard used after down"),
+        }
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Some(lab) = self.lab.take() {
+            let name = lab.name().to_string();
+            if let Err(e) = lab.down() {
+                eprintln!("lab {name}: down failed: {e}");
+            }
+        }
+    }
+}
+
+/// Downs the lab of a name when dropped (for labs made by another process, e.g. `vxnet lab up`).
+#[derive(Debug)]
+pub struct LabNameGuard {
+    root: PathBuf,
+    name: String,
+}
+
+impl LabNameGuard {
+    pub fn new(name: &str) -> Self {
+        LabNameGuard {
+            root: PathBuf::from(DEFAULT_ROOT),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for LabNameGuard {
+    fn drop(&mut self) {
+        if let Err(e) = Lab::down_in(&self.root, &self.name) {
+            eprintln!("lab {}: down failed: {e}", self.name);
+        }
+    }
+}
+
+/// Removes a half-made lab unless disarmed (error, panic or cancellation of `lab up`).
+struct UpGuard {
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = teardown(&self.dir) {
+                eprintln!(
+                    "removing the half-made lab {} failed: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+    }
+}
+
+fn netlink_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LabError {
+    let what = what.into();
+    move |e| LabError::Netlink(format!("{what}: {e}"))
+}
+
+async fn link_index(h: &rtnetlink::Handle, name: &str, ns: &str) -> Result<u32, LabError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(l.header.index),
+        Ok(None) => Err(LabError::Netlink(format!("no link {name} in {ns}"))),
+        Err(e) => Err(LabError::Netlink(format!("looking up {name} in {ns}: {e}"))),
+    }
+}
+
+/// The switch (bridge br0) and each host's eth0 on it, with its address.
+async fn wire(state: &LabState, switch: &NetNs, hosts: &[NetNs]) -> Result<(), LabError> {
+    let sw = switch
+        .netlink()
+        .map_err(|e| LabError::io(&state.switch_netns, e))?;
+    netns::set_link_up(&sw, "lo")
+        .await
+        .map_err(netlink_err("switch: lo up"))?;
+    sw.link()
+        .add(LinkBridge::new(BRIDGE).mtu(UNDERLAY_MTU).up().build())
+        .execute()
+        .await
+        .map_err(netlink_err(format!("switch: creating bridge {BRIDGE}")))?;
+    let br = link_index(&sw, BRIDGE, "switch").await?;
+    let prefix = state.underlay.prefix_len();
+    for (h, ns) in state.hosts.iter().zip(hosts) {
+        // The host end is created directly inside the host's namespace (no move step), the
+        // switch end on the bridge, up.
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name("eth0")
+            .mtu(UNDERLAY_MTU)
+            .setns_by_fd(ns.as_fd().as_raw_fd())
+            .build();
+        sw.link()
+            .add(
+                LinkVeth::new(&h.name, "eth0")
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .mtu(UNDERLAY_MTU)
+                    .controller(br)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink_err(format!(
+                "switch: veth {} / {}:eth0",
+                h.name, h.name
+            )))?;
+        let hh = ns.netlink().map_err(|e| LabError::io(&h.netns, e))?;
+        netns::set_link_up(&hh, "lo")
+            .await
+            .map_err(netlink_err(format!("{}: lo up", h.name)))?;
+        let eth0 = link_index(&hh, "eth0", &h.name).await?;
+        hh.address()
+            .add(eth0, IpAddr::V4(h.addr), prefix)
+            .execute()
+            .await
+            .map_err(netlink_err(format!(
+                "{}: address {}/{prefix}",
+                h.name, h.addr
+            )))?;
+        hh.link()
+            .set(LinkUnspec::new_with_index(eth0).up().build())
+            .execute()
+            .await
+            .map_err(netlink_err(format!("{}: eth0 up", h.name)))?;
+    }
+    Ok(())
+}
+
+fn record(role: &str, child: &Child, cmd: &Command, log: &Path) -> Result<ProcRecord, LabError> {
+    let pid = child.id();
+    let start_time =
+        sys::start_time(pid).map_err(|e| LabError::io(Path::new(&format!("/proc/{pid}")), e))?;
+    Ok(ProcRecord {
+        role: role.to_string(),
+        pid,
+        start_time,
+        argv: std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        log: log.to_path_buf(),
+    })
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, LabError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| LabError::io(path, e))
+}
+
+/// Gives a lab process its stdio (none in, both outputs to `log`) and marks it as the lab's.
+/// The caller's `VXNET_*` and `ETCD_*` variables are not passed on: the daemon and etcd read
+/// settings from them (`VXNET_ETCD_USER`, `ETCD_DATA_DIR`, …), and a host is configured by
+/// the lab alone.
+fn daemon_stdio(cmd: &mut Command, lab: &str, log: &Path) -> Result<(), LabError> {
+    let out = log_file(log)?;
+    let err = out.try_clone().map_err(|e| LabError::io(log, e))?;
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("VXNET_") || k.starts_with("ETCD_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("VXNET_LAB", lab);
+    Ok(())
+}
+
+async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, LabError> {
+    let logs = dir.join("logs");
+    for d in [dir.join("netns"), logs.clone()] {
+        std::fs::create_dir_all(&d).map_err(|e| LabError::io(&d, e))?;
+    }
+    let mut hosts = Vec::with_capacity(opts.hosts);
+    for k in 1..=opts.hosts {
+        let name = format!("vm{k}");
+        let addr = host_addr(opts.underlay, k).ok_or_else(|| {
+            LabError::InvalidOption(format!("no address for {name} in {}", opts.underlay))
+        })?;
+        hosts.push(HostState {
+            netns: dir.join("netns").join(&name),
+            name,
+            addr,
+            init: None,
+            processes: Vec::new(),
+        });
+    }
+    let mut state = LabState {
+        name: opts.name.clone(),
+        dir: dir.to_path_buf(),
+        underlay: opts.underlay,
+        binary: opts.binary.clone(),
+        complete: false,
+        switch_netns: dir.join("netns").join("switch"),
+        bridge: BRIDGE.to_string(),
+        hosts,
+    };
+    state.save()?;
+
+    // The network: namespaces, the switch, each host's eth0.
+    let switch = NetNs::create_named(&state.switch_netns)
+        .map_err(|e| LabError::io(&state.switch_netns, e))?;
+    let mut host_ns = Vec::with_capacity(state.hosts.len());
+    for h in &state.hosts {
+        host_ns.push(NetNs::create_named(&h.netns).map_err(|e| LabError::io(&h.netns, e))?);
+    }
+    wire(&state, &switch, &host_ns).await?;
+
+    // Each host's init: its own mount and UTS namespaces.
+    let mut inits = Vec::with_capacity(state.hosts.len());
+    for (i, ns) in host_ns.iter().enumerate() {
+        let h = &state.hosts[i];
+        let fs = dir.join("hosts").join(&h.name).join("fs");
+        let mut cmd = Command::new(&opts.binary);
+        cmd.arg("lab")
+            .arg("host-init")
+            .arg("--lab-dir")
+            .arg(dir)
+            .arg("--hostname")
+            .arg(&h.name);
+        for inside in &opts.private_dirs {
+            let source = fs.join(inside.strip_prefix("/").unwrap_or(inside));
+            std::fs::create_dir_all(&source).map_err(|e| LabError::io(&source, e))?;
+            cmd.arg("--private")
+                .arg(format!("{}={}", inside.display(), source.display()));
+        }
+        let log = logs.join(format!("{}-init.log", h.name));
+        ns.command(&mut cmd)
+            .map_err(|e| LabError::io(&h.netns, e))?;
+        sys::new_session(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&log)?)
+            .env("VXNET_LAB", &opts.name);
+        let child = cmd.spawn().map_err(|e| LabError::io(&opts.binary, e))?;
+        state.hosts[i].init = Some(record("init", &child, &cmd, &log)?);
+        state.save()?;
+        inits.push((child, log));
+    }
+    for (i, (child, log)) in inits.iter_mut().enumerate() {
+        wait_init(child, &state.hosts[i].name, log, opts.ready_timeout).await?;
+    }
+    drop(inits);
+    let view = |state: &LabState| {
+        Lab::from_state(LabState {
+            complete: true,
+            ..state.clone()
+        })
+    };
+
+    // etcd on vm1.
+    let vm1_addr = state.hosts[0].addr;
+    let etcd_log = logs.join("vm1-etcd.log");
+    let mut cmd = Command::new(etcd_bin);
+    cmd.args(etcd::server_args(
+        "vm1",
+        &[vm1_addr, Ipv4Addr::LOCALHOST],
+        vm1_addr,
+        Path::new(ETCD_DATA_DIR),
+    ));
+    daemon_stdio(&mut cmd, &opts.name, &etcd_log)?;
+    view(&state)?.hosts[0].enter(&mut cmd, true)?;
+    let mut etcd_child = cmd.spawn().map_err(|e| LabError::io(etcd_bin, e))?;
+    state.hosts[0]
+        .processes
+        .push(record("etcd", &etcd_child, &cmd, &etcd_log)?);
+    state.save()?;
+    wait_etcd(
+        &mut etcd_child,
+        &state.hosts[0].netns,
+        vm1_addr,
+        &etcd_log,
+        opts.ready_timeout,
+    )
+    .await?;
+
+    // A daemon on every other host, with the defaults a real host would have.
+    let store = format!("etcd://{vm1_addr}:{CLIENT_PORT}");
+    let lab = view(&state)?;
+    let mut daemons = Vec::new();
+    for i in 1..state.hosts.len() {
+        let (name, addr) = (state.hosts[i].name.clone(), state.hosts[i].addr);
+        let log = logs.join(format!("{name}-daemon.log"));
+        let mut cmd = Command::new(&opts.binary);
+        cmd.arg("daemon")
+            .arg("--cluster-store")
+            .arg(&store)
+            .arg("--cluster-advertise")
+            .arg(addr.to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        daemon_stdio(&mut cmd, &opts.name, &log)?;
+        lab.hosts[i].enter(&mut cmd, true)?;
+        let child = cmd.spawn().map_err(|e| LabError::io(&opts.binary, e))?;
+        state.hosts[i]
+            .processes
+            .push(record("daemon", &child, &cmd, &log)?);
+        state.save()?;
+        daemons.push((child, lab.hosts[i].socket_path(), name, log));
+    }
+    futures::future::try_join_all(daemons.iter_mut().map(|(child, socket, name, log)| {
+        wait_daemon(child, socket, name, log, opts.ready_timeout)
+    }))
+    .await?;
+
+    state.complete = true;
+    state.save()?;
+    Lab::from_state(state)
+}
+
+fn exit_error(what: String, status: std::process::ExitStatus, log: &Path) -> LabError {
+    LabError::ProcessFailed {
+        what,
+        detail: format!(
+            "exited with {status}; its log ({}) ends with:\n{}",
+            log.display(),
+            sys::log_tail(log, 15)
+        ),
+    }
+}
+
+/// Waits for a host init's report on its stdout ("ready" or "error: …").
+async fn wait_init(
+    child: &mut Child,
+    host: &str,
+    log: &Path,
+    limit: Duration,
+) -> Result<(), LabError> {
+    let what = format!("vxnet lab host-init for {host}");
+    let Some(out) = child.stdout.take() else {
+        return Err(LabError::ProcessFailed {
+            what,
+            detail: "no stdout pipe".into(),
+        });
+    };
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(out))
+        .map_err(|e| LabError::io(Path::new("host-init stdout"), e))?;
+    let mut text = String::new();
+    let read = tokio::time::timeout(limit, pipe.read_to_string(&mut text)).await;
+    if text.lines().next() == Some(READY) {
+        return Ok(());
+    }
+    if let Ok(Some(status)) = child.try_wait() {
+        return Err(exit_error(what, status, log));
+    }
+    Err(LabError::ProcessFailed {
+        what,
+        detail: match read {
+            Err(_) => format!("no report after {limit:?}"),
+            Ok(_) => text.trim().to_string(),
+        },
+    })
+}
+
+/// GET /health from inside `netns`: etcd answers `{"health":"true"}` once it serves.
+fn etcd_healthy(netns: &Path, addr: Ipv4Addr) -> bool {
+    let Ok(ns) = NetNs::open(netns) else {
+        return false;
+    };
+    let target = SocketAddr::from((addr, CLIENT_PORT));
+    ns.run(|| {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_millis(300))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer.contains("\"health\":\"true\""))
+    })
+    .unwrap_or(false)
+}
+
+async fn wait_etcd(
+    child: &mut Child,
+    netns: &Path,
+    addr: Ipv4Addr,
+    log: &Path,
+    limit: Duration,
+) -> Result<(), LabError> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(exit_error("etcd on vm1".into(), status, log));
+        }
+        let ns = netns.to_path_buf();
+        if tokio::task::spawn_blocking(move || etcd_healthy(&ns, addr))
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(LabError::ProcessFailed {
+                what: "etcd on vm1".into(),
+                detail: format!(
+                    "not healthy on {addr}:{CLIENT_PORT} after {limit:?}; its log ({}) ends with:\n{}",
+                    log.display(),
+                    sys::log_tail(log, 15)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_daemon(
+    child: &mut Child,
+    socket: &Path,
+    host: &str,
+    log: &Path,
+    limit: Duration,
+) -> Result<(), LabError> {
+    let what = format!("vxnet daemon on {host}");
+    let client = Client::from_socket(socket.to_path_buf());
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(exit_error(what, status, log));
+        }
+        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), client.info()).await {
+            if info.registered && info.view_revision > 0 {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > limit {
+            return Err(LabError::ProcessFailed {
+                what,
+                detail: format!(
+                    "not registered and synced after {limit:?} (socket {}); its log ({}) ends with:\n{}",
+                    socket.display(),
+                    log.display(),
+                    sys::log_tail(log, 15)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes a lab, whatever state it is in: stops the processes recorded in `lab.json` (after
+/// checking each PID's start time), unmounts and deletes its namespace files, removes its
+/// directory. Missing pieces are fine, so it can run twice or after a crash.
+fn teardown(dir: &Path) -> Result<DownReport, LabError> {
+    let mut report = DownReport::default();
+    if std::fs::symlink_metadata(dir).is_err() {
+        return Ok(report);
+    }
+    report.existed = true;
+    // An unreadable state file cannot name processes; the rest is still removed.
+    if let Ok(Some(state)) = LabState::load(dir) {
+        let all: Vec<&ProcRecord> = state.hosts.iter().flat_map(|h| &h.processes).collect();
+        let inits: Vec<&ProcRecord> = state.hosts.iter().filter_map(|h| h.init.as_ref()).collect();
+        // Daemons first (while etcd still answers), then etcd, then the hosts' inits.
+        for phase in [
+            all.iter().copied().filter(|p| p.role != "etcd").collect(),
+            all.iter().copied().filter(|p| p.role == "etcd").collect(),
+            inits,
+        ] {
+            let phase: Vec<&ProcRecord> = phase;
+            let out = sys::stop(&phase, Duration::from_secs(5));
+            report.stopped += out.stopped;
+            report.gone += out.gone;
+            report.stuck.extend(out.stuck);
+        }
+    }
+    let netns_dir = dir.join("netns");
+    let ns_files: Vec<PathBuf> = std::fs::read_dir(&netns_dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let inodes: Vec<(u64, u64)> = ns_files.iter().filter_map(|p| sys::ns_inode(p)).collect();
+    for m in sys::mounts_under(dir)
+        .map_err(|e| LabError::io(Path::new("/proc/thread-self/mountinfo"), e))?
+    {
+        match umount2(&m, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => {
+                return Err(LabError::io(
+                    &m,
+                    std::io::Error::from_raw_os_error(e as i32),
+                ))
+            }
+        }
+    }
+    for f in &ns_files {
+        NetNs::remove_named(f).map_err(|e| LabError::io(f, e))?;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LabError::io(dir, e)),
+    }
+    report.strangers = sys::processes_in_netns(&inodes);
+    Ok(report)
+}
