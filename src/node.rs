@@ -56,6 +56,8 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
 pub struct Membership {
     lease: RwLock<Option<LeaseId>>,
     registered: watch::Sender<bool>,
+    /// The store revision at which this node's key was last written (0: never).
+    registered_at: std::sync::atomic::AtomicI64,
 }
 
 impl LeaseSource for Membership {
@@ -71,6 +73,13 @@ impl Membership {
         tokio::time::timeout(limit, rx.wait_for(|r| *r))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The store revision of this node's registration: a view at or past it has seen this
+    /// node (and everything registered before it).
+    pub fn registered_at(&self) -> i64 {
+        self.registered_at
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn set(&self, lease: Option<LeaseId>) {
@@ -93,6 +102,7 @@ pub fn spawn_membership(
     let membership = Arc::new(Membership {
         lease: RwLock::new(None),
         registered,
+        registered_at: std::sync::atomic::AtomicI64::new(0),
     });
     tokio::spawn(keep_membership(
         store,
@@ -117,7 +127,12 @@ async fn keep_membership(
     let refresh_every = ttl / 3;
     loop {
         let lease = match register(&*store, &keys, &node, ttl, &lease_path).await {
-            Ok(lease) => lease,
+            Ok((lease, revision)) => {
+                membership
+                    .registered_at
+                    .store(revision, std::sync::atomic::Ordering::Release);
+                lease
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -154,7 +169,7 @@ async fn register(
     node: &Node,
     ttl: Duration,
     lease_path: &Path,
-) -> Result<LeaseId, StoreError> {
+) -> Result<(LeaseId, i64), StoreError> {
     let previous = fs::read_to_string(lease_path)
         .ok()
         .and_then(|s| i64::from_str_radix(s.trim(), 16).ok());
@@ -175,12 +190,12 @@ async fn register(
         }
     };
     let value = serde_json::to_vec(node).unwrap_or_default();
-    store
+    let written = store
         .txn(
             vec![],
             vec![Op::put_leased(keys.node(&node.id), value, lease)],
             vec![],
         )
         .await?;
-    Ok(lease)
+    Ok((lease, written.revision))
 }

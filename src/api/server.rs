@@ -145,6 +145,9 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
         cluster_store: state.cluster.store().describe(),
         store_prefix: state.cluster.keys().prefix().to_string(),
         registered: state.membership.current_lease().is_some(),
+        synced: state.membership.current_lease().is_some()
+            && view.revision >= state.membership.registered_at()
+            && view.revision > 0,
         view_revision: view.revision,
         nodes: view.nodes.values().cloned().collect(),
         networks: view.networks.len(),

@@ -42,6 +42,9 @@ pub struct Info {
     pub registered: bool,
     /// The store revision the daemon's view has reached (0: not synced yet).
     pub view_revision: i64,
+    /// Registered, and the view has caught up with this node's own registration: the
+    /// daemon sees itself and every host registered before it.
+    pub synced: bool,
     pub nodes: Vec<Node>,
     pub networks: usize,
     pub endpoints: usize,

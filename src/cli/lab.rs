@@ -15,8 +15,13 @@ use crate::lab::{Lab, LabOptions};
 
 #[derive(Subcommand, Debug)]
 pub enum LabCommand {
-    /// Run the seed walk-through end to end and print each step; exit 0 only if all held.
-    Demo,
+    /// Run the seed walk-through end to end in a lab of its own, printing each step; exit 0
+    /// only if every step held. The lab is removed at the end.
+    Demo {
+        /// Lab name (default: demo-<pid>).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Start a lab: the seed's VMs as namespaces on one switch; etcd on vm1, a vxnet daemon
     /// on vm2…vmN. Returns once every daemon is registered; the lab runs until `lab down`.
     Up {
@@ -93,8 +98,8 @@ pub fn host_init(args: &HostInitArgs) -> ExitCode {
 
 pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        LabCommand::Demo => {
-            let ok = crate::lab::demo::run(std::env::current_exe()?).await?;
+        LabCommand::Demo { name } => {
+            let ok = crate::lab::demo::run(std::env::current_exe()?, name).await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

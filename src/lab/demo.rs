@@ -1,24 +1,27 @@
-//! `vxnet lab demo`: the seed walk-through on the control-plane lab, step by step, each
-//! step checked. etcd and two daemons run in a private namespace and are gone afterwards.
+//! `vxnet lab demo`: the seed walk-through (shared/seed/), step by step, on a lab of three
+//! hosts: etcd on vm1, daemons on vm2 and vm3, an overlay network, a container on each, their
+//! interfaces, the sandbox namespace, and a ping across hosts. Each step runs the commands a
+//! user would type on that host, prints them with their output, and checks the result; the
+//! lab is removed at the end whatever happened.
 
 use std::path::PathBuf;
+use std::process::Output;
 
-use super::{LabError, LocalCluster, LocalClusterOptions};
-use crate::api::client::Client;
-use crate::cluster::{EndpointCreate, NetworkCreate};
-use crate::format::network_table;
+use super::{Lab, LabError, LabGuard, LabOptions};
 
-struct Steps {
+struct Demo {
+    lab: LabGuard,
+    step: usize,
     total: usize,
-    done: usize,
     failed: usize,
 }
 
-impl Steps {
+impl Demo {
     fn step(&mut self, title: &str) {
-        self.done += 1;
-        println!("\n==> [{}/{}] {title}", self.done, self.total);
+        self.step += 1;
+        println!("\n==> [{}/{}] {title}", self.step, self.total);
     }
+
     fn check(&mut self, ok: bool, what: &str) {
         if ok {
             println!("    ok: {what}");
@@ -27,149 +30,227 @@ impl Steps {
             self.failed += 1;
         }
     }
+
+    /// Runs `argv` on `host` as a user at its shell would, echoing prompt, command and output.
+    fn sh(&mut self, host: &str, argv: &[&str]) -> Result<Output, LabError> {
+        let out = self.quiet(host, argv)?;
+        self.echo(host, argv, &out);
+        Ok(out)
+    }
+
+    /// Runs `argv` on `host` without printing anything.
+    fn quiet(&self, host: &str, argv: &[&str]) -> Result<Output, LabError> {
+        let mut cmd = self.lab.host(host)?.command(argv[0])?;
+        cmd.args(&argv[1..]);
+        cmd.output()
+            .map_err(|e| LabError::io(std::path::Path::new(argv[0]), e))
+    }
+
+    fn echo(&self, host: &str, argv: &[&str], out: &Output) {
+        println!("root@{host}:~# {}", argv.join(" "));
+        for stream in [&out.stdout, &out.stderr] {
+            for line in String::from_utf8_lossy(stream).lines() {
+                println!("    {line}");
+            }
+        }
+    }
 }
 
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs the walk-through; `Ok(true)` when every step held.
-pub async fn run(binary: PathBuf) -> Result<bool, LabError> {
-    let mut s = Steps {
-        total: 7,
-        done: 0,
+pub async fn run(binary: PathBuf, name: Option<String>) -> Result<bool, LabError> {
+    let name = name.unwrap_or_else(|| format!("demo-{}", std::process::id()));
+    println!(
+        "==> [1/10] the seed's three VMs as namespaces: vm1 runs etcd, vm2 and vm3 a vxnet daemon"
+    );
+    let lab = Lab::up(LabOptions::new(&name, binary)).await?;
+    for h in lab.hosts() {
+        println!("    {}  {}", h.name(), h.addr());
+    }
+    let mut d = Demo {
+        lab: LabGuard::new(lab),
+        step: 1,
+        total: 10,
         failed: 0,
     };
-    s.step("start etcd (the seed's vm1) and two vxnet daemons (vm2, vm3) in a private namespace");
-    let cluster = LocalCluster::start(LocalClusterOptions {
-        die_with_parent: true,
-        ..LocalClusterOptions::new(2, binary)
-    })
-    .await?;
-    let health = cluster.etcd.etcdctl(&cluster.ns, &["endpoint", "health"])?;
-    print!("{}", indent(&String::from_utf8_lossy(&health.stdout)));
-    s.check(health.status.success(), "etcdctl endpoint health");
-    for d in &cluster.daemons {
-        println!(
-            "    vxnet daemon --cluster-store {} --cluster-advertise {}   # {}",
-            cluster.etcd.cluster_store_url(),
-            d.advertise,
-            d.name
-        );
+    let result = walk(&mut d).await;
+    let failed = d.failed;
+    // Removing the lab is part of the demo: report it, and fail if anything stayed.
+    let report = d.lab.down();
+    match &report {
+        Ok(r) => println!("\nlab {name} removed ({} process(es) stopped)", r.stopped),
+        Err(e) => println!("\nlab {name} could not be removed completely: {e}"),
     }
-    let (vm2, vm3) = (cluster.client(0), cluster.client(1));
-
-    s.step("vm2: vxnet network create --driver overlay --subnet 10.0.4.0/24 my-net");
-    let created = vm2
-        .network_create(&NetworkCreate {
-            name: "my-net".into(),
-            subnet: Some(
-                "10.0.4.0/24"
-                    .parse()
-                    .map_err(|_| LabError::Netlink("subnet".into()))?,
-            ),
-            ..Default::default()
-        })
-        .await;
-    match &created {
-        Ok(n) => println!("    {}", n.id),
-        Err(e) => println!("    {e}"),
-    }
-    s.check(created.is_ok(), "network created");
-
-    s.step("vm3: vxnet network ls (the network arrived through etcd)");
-    let listed = vm3.network_ls().await.unwrap_or_default();
-    print!("{}", indent(&network_table(&listed, false)));
-    s.check(
-        listed
-            .iter()
-            .any(|n| n.name == "my-net" && n.driver == "overlay"),
-        "my-net listed on vm3 with driver overlay, scope global",
-    );
-
-    s.step("an address for a container on vm2 and one on vm3 (cluster-wide IPAM)");
-    let ep2 = attach(&vm2, "c2").await;
-    let ep3 = attach(&vm3, "c3").await;
-    s.check(
-        ep2.is_some() && ep3.is_some() && ep2 != ep3,
-        "distinct addresses, MAC derived from the IP (02:42 + address)",
-    );
-
-    s.step("vm3: vxnet network inspect my-net (endpoints of every host)");
-    match vm3.network_inspect("my-net").await {
-        Ok(i) => {
-            println!(
-                "    subnet {}  gateway {}  VNI {}  endpoints:",
-                i.network.subnet, i.network.gateway, i.network.vni
-            );
-            for e in &i.endpoints {
-                println!(
-                    "      {:<4} {:<12} {}  on {}",
-                    e.endpoint.name,
-                    e.endpoint.ip,
-                    e.endpoint.mac,
-                    e.node_name.as_deref().unwrap_or("?")
-                );
-            }
-            s.check(i.endpoints.len() == 2, "both hosts' endpoints shown");
-        }
-        Err(e) => s.check(false, &e.to_string()),
-    }
-
-    s.step("vm2: vxnet network rm my-net while containers are attached");
-    let refused = vm2.network_rm("my-net").await;
-    if let Err(e) = &refused {
-        println!("    {e}");
-    }
-    s.check(refused.is_err(), "removal refused while endpoints exist");
-
-    s.step("detach both, then vm2: vxnet network rm my-net; vm3: vxnet network ls");
-    let mut detached = true;
-    for (c, name) in [(&vm2, "c2"), (&vm3, "c3")] {
-        detached &= c.endpoint_delete("my-net", name).await.is_ok();
-    }
-    let removed = vm2.network_rm("my-net").await.is_ok();
-    let after = vm3.network_ls().await.unwrap_or_default();
-    print!("{}", indent(&network_table(&after, false)));
-    s.check(
-        detached && removed && after.is_empty(),
-        "network gone on every host",
-    );
-
-    drop(cluster);
-    let ok = s.failed == 0;
+    result?;
+    let ok = failed == 0 && report.is_ok();
     println!(
-        "\n{}",
+        "{}",
         if ok {
             "vxnet lab demo: PASS (every step held; lab removed)".to_string()
         } else {
-            format!(
-                "vxnet lab demo: FAIL ({} check(s) failed; lab removed)",
-                s.failed
-            )
+            format!("vxnet lab demo: FAIL ({failed} check(s) failed)")
         }
     );
     Ok(ok)
 }
 
-async fn attach(client: &Client, name: &str) -> Option<std::net::Ipv4Addr> {
-    match client
-        .endpoint_create(
-            "my-net",
-            &EndpointCreate {
-                name: Some(name.into()),
-                ip: None,
-            },
-        )
-        .await
-    {
-        Ok(ep) => {
-            println!("    {name}: {} {}", ep.ip, ep.mac);
-            Some(ep.ip)
-        }
-        Err(e) => {
-            println!("    {name}: {e}");
-            None
-        }
+async fn walk(d: &mut Demo) -> Result<(), LabError> {
+    d.step("vm1: etcd is healthy (the seed's `etcdctl cluster-health`)");
+    let store = d.lab.cluster_store().replace("etcd://", "http://");
+    let out = d.sh(
+        "vm1",
+        &["etcdctl", "--endpoints", &store, "endpoint", "health"],
+    )?;
+    d.check(
+        out.status.success() && text(&out).contains("is healthy"),
+        "etcd healthy",
+    );
+
+    d.step("vm2, vm3: the daemons run with --cluster-store and --cluster-advertise");
+    for (host, addr) in [("vm2", "192.0.2.6"), ("vm3", "192.0.2.7")] {
+        println!(
+            "    ({host} runs: vxnet daemon --cluster-store {} --cluster-advertise {addr})",
+            d.lab.cluster_store()
+        );
     }
+    // vm3 registered after vm2 did; give vm2's watch a moment to bring it in.
+    let sees_both = |o: &Output| {
+        text(o).contains("Registered:      yes") && text(o).contains("Nodes:           2")
+    };
+    let mut out = d.quiet("vm2", &["vxnet", "info"])?;
+    for _ in 0..100 {
+        if sees_both(&out) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = d.quiet("vm2", &["vxnet", "info"])?;
+    }
+    d.echo("vm2", &["vxnet", "info"], &out);
+    d.check(
+        sees_both(&out),
+        "vm2's daemon is registered and sees both daemons",
+    );
+
+    d.step("vm2: create the overlay network");
+    let out = d.sh(
+        "vm2",
+        &[
+            "vxnet",
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.0.4.0/24",
+            "my-net",
+        ],
+    )?;
+    d.check(out.status.success(), "network created");
+
+    d.step("vm3: the network arrived through etcd");
+    let out = d.sh("vm3", &["vxnet", "network", "ls"])?;
+    let listed = text(&out);
+    d.check(
+        listed.lines().any(|l| {
+            l.split_whitespace()
+                .collect::<Vec<_>>()
+                .ends_with(&["my-net", "overlay", "global"])
+        }),
+        "my-net listed on vm3: driver overlay, scope global",
+    );
+
+    d.step("a container on vm3 and one on vm2, on my-net");
+    let c3 = d.sh(
+        "vm3",
+        &[
+            "vxnet", "run", "-d", "--name", "c3", "--net", "my-net", "--", "sleep", "3600",
+        ],
+    )?;
+    let c2 = d.sh(
+        "vm2",
+        &[
+            "vxnet", "run", "-d", "--name", "c2", "--net", "my-net", "--", "sleep", "3600",
+        ],
+    )?;
+    d.check(
+        c3.status.success() && c2.status.success(),
+        "both containers running",
+    );
+
+    d.step("inside the vm2 container: eth0 on the overlay, MTU 1450, MAC from the IP");
+    let out = d.sh(
+        "vm2",
+        &["vxnet", "exec", "c2", "--", "ip", "addr", "show", "eth0"],
+    )?;
+    let addr = text(&out);
+    d.check(
+        addr.contains("mtu 1450")
+            && addr.contains("inet 10.0.4.")
+            && addr.contains("link/ether 02:42:0a:00:04:"),
+        "eth0: 10.0.4.x/24, mtu 1450, MAC 02:42:0a:00:04:xx",
+    );
+
+    d.step("vm3: the overlay sandbox namespace (br0 + vxlan1 + one veth per container)");
+    let out = d.sh("vm3", &["ls", "/run/vxnet/netns"])?;
+    let sandbox = text(&out)
+        .split_whitespace()
+        .find(|n| n.starts_with("1-"))
+        .map(str::to_string);
+    d.check(
+        sandbox.is_some(),
+        "a 1-<network id> sandbox next to the container's namespace",
+    );
+    if let Some(sb) = sandbox {
+        let ns = format!("--net=/run/vxnet/netns/{sb}");
+        let out = d.sh("vm3", &["nsenter", &ns, "ip", "-br", "addr"])?;
+        let links = text(&out);
+        d.check(
+            links.contains("br0") && links.contains("10.0.4.1/24") && links.contains("vxlan1"),
+            "br0 holds the gateway 10.0.4.1/24; vxlan1 is there",
+        );
+        let out = d.sh("vm3", &["nsenter", &ns, "bridge", "link"])?;
+        let ports = text(&out);
+        d.check(
+            ports.contains("vxlan1") && ports.contains("master br0") && ports.contains("veth"),
+            "vxlan1 and the container's veth are ports of br0",
+        );
+    }
+
+    d.step("vm2's container pings vm3's container over VXLAN");
+    let out = d.sh("vm3", &["vxnet", "ps"])?;
+    let target = text(&out)
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .find_map(|w| w.strip_prefix("my-net:").map(str::to_string));
+    match target {
+        Some(ip) => {
+            let out = d.sh(
+                "vm2",
+                &[
+                    "vxnet", "exec", "c2", "--", "ping", "-c", "3", "-W", "2", &ip,
+                ],
+            )?;
+            d.check(
+                out.status.success() && text(&out).contains(" 0% packet loss"),
+                &format!("ping c2 -> c3 ({ip}): 0% packet loss"),
+            );
+        }
+        None => d.check(false, "c3's address shown by `vxnet ps` on vm3"),
+    }
+
+    d.step("clean up: containers stopped, network removed");
+    let a = d.sh("vm2", &["vxnet", "rm", "-f", "c2"])?;
+    let b = d.sh("vm3", &["vxnet", "rm", "-f", "c3"])?;
+    let c = d.sh("vm2", &["vxnet", "network", "rm", "my-net"])?;
+    d.check(
+        a.status.success() && b.status.success() && c.status.success(),
+        "containers and network removed",
+    );
+    Ok(())
 }

@@ -229,6 +229,8 @@ pub struct Host {
     netns: PathBuf,
     init: ProcRecord,
     processes: Vec<ProcRecord>,
+    /// Where the lab's `vxnet` binary is: first on PATH inside the host, as if installed there.
+    bin_dir: Option<PathBuf>,
 }
 
 impl Host {
@@ -277,10 +279,19 @@ impl Host {
     }
 
     /// A command that runs on this host: in its network, mount and UTS namespaces, with
-    /// `VXNET_HOST` pointing at the host's daemon. Fails if the host's init is gone.
+    /// `VXNET_HOST` pointing at the host's daemon and the lab's `vxnet` first on PATH.
+    /// Fails if the host's init is gone.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command, LabError> {
         let mut cmd = Command::new(program);
         cmd.env("VXNET_HOST", format!("unix://{HOST_SOCKET}"));
+        if let Some(dir) = &self.bin_dir {
+            let path =
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+            let mut joined = dir.clone().into_os_string();
+            joined.push(":");
+            joined.push(path);
+            cmd.env("PATH", joined);
+        }
         self.enter(&mut cmd, false)?;
         Ok(cmd)
     }
@@ -390,6 +401,7 @@ impl Lab {
                 netns: h.netns.clone(),
                 init,
                 processes: h.processes.clone(),
+                bin_dir: state.binary.parent().map(Path::to_path_buf),
             });
         }
         Ok(Lab { state, hosts })
@@ -921,7 +933,7 @@ async fn wait_daemon(
             return Err(exit_error(what, status, log));
         }
         if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), client.info()).await {
-            if info.registered && info.view_revision > 0 {
+            if info.synced {
                 return Ok(());
             }
         }

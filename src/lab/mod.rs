@@ -158,7 +158,7 @@ impl DaemonProcess {
                 });
             }
             if let Ok(info) = client.info().await {
-                if info.registered && info.view_revision > 0 {
+                if info.synced {
                     return Ok(());
                 }
             }
