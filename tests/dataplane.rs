@@ -180,7 +180,8 @@ fn json(ns: &NetNs, args: &[&str]) -> Value {
 }
 
 /// The settings that matter, per link, as `ip -d -j link` and `ip -j addr` report them;
-/// timers and counters left out, indexes kept (equal indexes: nothing was re-created).
+/// timers, counters and carrier left out, indexes kept (equal indexes: nothing was
+/// re-created).
 fn snapshot(ns: &NetNs) -> Value {
     let links = json(ns, &["ip", "-d", "-j", "link", "show"]);
     let addrs = json(ns, &["ip", "-4", "-j", "addr", "show"]);
@@ -193,6 +194,8 @@ fn snapshot(ns: &NetNs) -> Value {
             .unwrap()
             .iter()
             .map(|f| f.as_str().unwrap().to_string())
+            // Carrier follows the admin state asynchronously (linkwatch): configuration only.
+            .filter(|f| f != "NO-CARRIER" && f != "LOWER_UP")
             .collect();
         flags.sort();
         let info = &l["linkinfo"];
