@@ -130,7 +130,7 @@ fn validate(spec: &SandboxSpec) -> Result<(), DataplaneError> {
     if spec.vni == 0 || spec.vni > MAX_VNI {
         return invalid("VNI", format!("{} is outside 1..={MAX_VNI}", spec.vni));
     }
-    if spec.mtu < 68 || spec.mtu + VXLAN_OVERHEAD > spec.underlay.mtu {
+    if spec.mtu < 68 || spec.mtu.saturating_add(VXLAN_OVERHEAD) > spec.underlay.mtu {
         return invalid(
             "MTU",
             format!(
