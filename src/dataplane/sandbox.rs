@@ -134,7 +134,7 @@ fn validate(spec: &SandboxSpec) -> Result<(), DataplaneError> {
     if spec.vni == 0 || spec.vni > MAX_VNI {
         return invalid("VNI", format!("{} is outside 1..={MAX_VNI}", spec.vni));
     }
-    if spec.mtu < 68 || spec.mtu + VXLAN_OVERHEAD > spec.underlay.mtu {
+    if spec.mtu < 68 || spec.mtu.saturating_add(VXLAN_OVERHEAD) > spec.underlay.mtu {
         return invalid(
             "MTU",
             format!(
@@ -320,7 +320,7 @@ async fn ensure_vxlan(
     let vx = match found {
         Some(l) => l,
         None => {
-            create_vxlan_in_host_and_move(host, ns, spec, &object).await?;
+            create_vxlan_in_host_and_move(host, ns, h, spec, label, &object).await?;
             links::link_by_name(h, VXLAN_NAME, label)
                 .await?
                 .ok_or_else(|| DataplaneError::Vanished {
@@ -350,23 +350,18 @@ async fn ensure_vxlan(
 async fn create_vxlan_in_host_and_move(
     host: &Handle,
     ns: &NetNs,
+    sb: &Handle,
     spec: &SandboxSpec,
+    label: &str,
     object: &str,
 ) -> Result<(), DataplaneError> {
     // Derived from the VNI: unique on this host (the kernel allows one VXLAN device per VNI
-    // and port), and recognisable when a crash left it behind between create and move.
+    // and port), and recognisable when a crash left it behind between create and move, or
+    // a failed rename left it in the sandbox; either would hold the VNI.
     let tmp = format!("vxtmp-{:06x}", spec.vni);
     let host_label = "the host namespace";
-    let tmp_object = format!("temporary VXLAN device {tmp} in {host_label}");
-    if let Some(old) = links::link_by_name(host, &tmp, host_label).await? {
-        if links::kind(&old) != Some(&InfoKind::Vxlan) {
-            return Err(DataplaneError::NameTaken {
-                object: format!("{tmp} in {host_label}"),
-                found: links::kind_name(&old),
-            });
-        }
-        links::delete_link(host, old.header.index, &tmp_object).await?;
-    }
+    delete_leftover(host, &tmp, host_label).await?;
+    delete_leftover(sb, &tmp, label).await?;
 
     let msg = LinkVxlan::new(&tmp, spec.vni)
         .port(spec.vxlan_port)
@@ -394,18 +389,34 @@ async fn create_vxlan_in_host_and_move(
     let tmp_index = links::link_index(host, &tmp, host_label)
         .await?
         .ok_or_else(|| DataplaneError::Vanished {
-            object: tmp_object.clone(),
+            object: format!("{tmp} in {host_label}"),
         })?;
     let mv = LinkUnspec::new_with_index(tmp_index)
         .setns_by_fd(ns.as_fd().as_raw_fd())
         .name(VXLAN_NAME)
         .build();
     if let Err(e) = links::change_link(host, mv, "move into its sandbox", object).await {
-        // Left in the host namespace, it would hold the VNI and block every retry.
-        let _ = links::delete_link(host, tmp_index, &tmp_object).await;
+        // By name, not index: once moved, the index may name another host device.
+        let _ = delete_leftover(host, &tmp, host_label).await;
+        let _ = delete_leftover(sb, &tmp, label).await;
         return Err(e);
     }
     Ok(())
+}
+
+/// Deletes our temporary VXLAN device `tmp` from a namespace if it is there.
+async fn delete_leftover(h: &Handle, tmp: &str, ns_label: &str) -> Result<(), DataplaneError> {
+    let Some(old) = links::link_by_name(h, tmp, ns_label).await? else {
+        return Ok(());
+    };
+    if links::kind(&old) != Some(&InfoKind::Vxlan) {
+        return Err(DataplaneError::NameTaken {
+            object: format!("{tmp} in {ns_label}"),
+            found: links::kind_name(&old),
+        });
+    }
+    let object = format!("leftover temporary VXLAN device {tmp} in {ns_label}");
+    links::delete_link(h, old.header.index, &object).await
 }
 
 /// Removes the sandbox: deletes its links, then unmounts and unlinks the namespace file.
