@@ -965,13 +965,24 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
     if let Ok(Some(state)) = LabState::load(dir) {
         let all: Vec<&ProcRecord> = state.hosts.iter().flat_map(|h| &h.processes).collect();
         let inits: Vec<&ProcRecord> = state.hosts.iter().filter_map(|h| h.init.as_ref()).collect();
-        // Daemons first (while etcd still answers), then etcd, then the hosts' inits.
-        for phase in [
+        // Daemons first (while etcd still answers), then etcd, then whatever else runs inside
+        // the hosts (containers started there, `lab exec` commands: a VM's shutdown ends them
+        // too), then the hosts' inits.
+        let host_mnt: Vec<(u64, u64)> = inits
+            .iter()
+            .filter(|p| p.is_alive())
+            .filter_map(|p| sys::ns_inode(Path::new(&format!("/proc/{}/ns/mnt", p.pid))))
+            .collect();
+        let mut ours: Vec<u32> = all.iter().chain(inits.iter()).map(|p| p.pid).collect();
+        ours.push(std::process::id());
+        let mut phases: Vec<Vec<&ProcRecord>> = vec![
             all.iter().copied().filter(|p| p.role != "etcd").collect(),
             all.iter().copied().filter(|p| p.role == "etcd").collect(),
-            inits,
-        ] {
-            let phase: Vec<&ProcRecord> = phase;
+        ];
+        let guests = sys::processes_in_mount_ns(&host_mnt, &ours);
+        phases.push(guests.iter().collect());
+        phases.push(inits);
+        for phase in phases {
             let out = sys::stop(&phase, Duration::from_secs(5));
             report.stopped += out.stopped;
             report.gone += out.gone;

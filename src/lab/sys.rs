@@ -329,6 +329,32 @@ pub fn processes_in_netns(inodes: &[(u64, u64)]) -> Vec<u32> {
         .collect()
 }
 
+/// The processes (other than `except`) whose mount namespace is one of `inodes`: everything
+/// running inside a lab host, whoever started it there.
+pub fn processes_in_mount_ns(inodes: &[(u64, u64)], except: &[u32]) -> Vec<ProcRecord> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !except.contains(pid))
+        .filter(|pid| {
+            ns_inode(Path::new(&format!("/proc/{pid}/ns/mnt")))
+                .is_some_and(|ino| inodes.contains(&ino))
+        })
+        .filter_map(|pid| {
+            let (start_time, _) = stat_of(pid)?;
+            Some(ProcRecord {
+                role: "guest".into(),
+                pid,
+                start_time,
+                argv: vec![],
+                log: PathBuf::new(),
+            })
+        })
+        .collect()
+}
+
 /// The last `lines` lines of a log file, for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

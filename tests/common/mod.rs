@@ -20,3 +20,135 @@ pub async fn cluster_with(opts: LocalClusterOptions) -> LocalCluster {
         Err(e) => panic!("cannot start the test cluster: {e}"),
     }
 }
+
+use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use vxnet::lab::{Lab, LabGuard, LabOptions};
+
+/// A lab of the seed's hosts for one test: unique name, removed when dropped (even when the
+/// test fails).
+pub struct TestLab {
+    pub lab: LabGuard,
+}
+
+static LABS: AtomicUsize = AtomicUsize::new(0);
+
+impl TestLab {
+    pub async fn up(hosts: usize) -> TestLab {
+        let name = format!(
+            "t{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut opts = LabOptions::new(&name, binary());
+        opts.hosts = hosts;
+        match Lab::up(opts).await {
+            Ok(lab) => TestLab {
+                lab: LabGuard::new(lab),
+            },
+            Err(e) => panic!("cannot start lab {name}: {e}"),
+        }
+    }
+
+    /// Runs a program on a lab host (its namespaces; `vxnet` on PATH, VXNET_HOST set).
+    pub fn sh(&self, host: &str, argv: &[&str]) -> Output {
+        let mut cmd = self.lab.host(host).unwrap().command(argv[0]).unwrap();
+        cmd.args(&argv[1..]);
+        cmd.output().unwrap()
+    }
+
+    /// `vxnet ARGS` on a host, asserting success; returns stdout.
+    pub fn vx(&self, host: &str, args: &[&str]) -> String {
+        let mut argv = vec!["vxnet"];
+        argv.extend_from_slice(args);
+        let out = self.sh(host, &argv);
+        assert!(
+            out.status.success(),
+            "vxnet {args:?} on {host} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `vxnet ARGS` on a host, asserting failure; returns stderr.
+    pub fn vx_err(&self, host: &str, args: &[&str]) -> String {
+        let mut argv = vec!["vxnet"];
+        argv.extend_from_slice(args);
+        let out = self.sh(host, &argv);
+        assert!(
+            !out.status.success(),
+            "vxnet {args:?} on {host} should have failed"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Creates a network on vm2 and waits until every daemon host lists it.
+    pub fn network(&self, name: &str, subnet: &str) -> String {
+        let id = self
+            .vx("vm2", &["network", "create", "--subnet", subnet, name])
+            .trim()
+            .to_string();
+        for h in self.lab.hosts().iter().skip(1) {
+            wait_until(|| {
+                self.vx(h.name(), &["network", "ls", "-q", "--no-trunc"])
+                    .contains(&id)
+            });
+        }
+        id
+    }
+
+    /// Starts a detached container running `sleep`; returns its overlay address.
+    pub fn container(&self, host: &str, name: &str, net: &str) -> String {
+        self.vx(
+            host,
+            &[
+                "run", "-d", "--name", name, "--net", net, "--", "sleep", "3600",
+            ],
+        );
+        let ps = self.vx(host, &["ps", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&ps).unwrap();
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in ps on {host}: {ps}"));
+        c["attachments"][0]["ip"].as_str().unwrap().to_string()
+    }
+
+    /// Whether container `name` on `host` gets a reply from `ip`.
+    pub fn pings(&self, host: &str, name: &str, ip: &str) -> bool {
+        self.sh(
+            host,
+            &[
+                "vxnet", "exec", name, "--", "ping", "-c", "1", "-W", "2", ip,
+            ],
+        )
+        .status
+        .success()
+    }
+
+    /// Runs `argv` inside a network's sandbox namespace on a host (iproute2 as the oracle).
+    pub fn in_sandbox(&self, host: &str, network_id: &str, argv: &[&str]) -> String {
+        let ns = format!("--net=/run/vxnet/netns/1-{}", &network_id[..10]);
+        let mut full = vec!["nsenter", ns.as_str()];
+        full.extend_from_slice(argv);
+        let out = self.sh(host, &full);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Polls `f` every 20 ms for up to 10 s; panics if it never holds. (A bound against hangs,
+/// not a timing assertion.)
+pub fn wait_until(mut f: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !f() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "condition never held"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
