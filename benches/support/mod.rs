@@ -120,3 +120,122 @@ pub fn runs(default: usize) -> usize {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// A minimal ICMP echo client on a raw socket, for "first reply" measurements. The socket is
+/// opened by the caller on a thread inside the namespace to ping from.
+pub struct Pinger {
+    fd: std::os::fd::OwnedFd,
+    id: u16,
+    seq: u16,
+}
+
+impl Pinger {
+    /// Opens a raw ICMP socket in the calling thread's network namespace; each receive waits
+    /// at most `wait`.
+    pub fn open(wait: Duration) -> std::io::Result<Pinger> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the fd is owned from here on.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let tv = libc::timeval {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_usec: wait.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: setsockopt with a timeval of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Pinger {
+            fd,
+            id: (std::process::id() & 0xffff) as u16,
+            seq: 0,
+        })
+    }
+
+    /// Sends one echo request to `dst` and waits (up to the socket's timeout) for its reply.
+    pub fn ping_once(&mut self, dst: std::net::Ipv4Addr) -> bool {
+        use std::os::fd::AsRawFd;
+        self.seq = self.seq.wrapping_add(1);
+        let mut pkt = [0u8; 16];
+        pkt[0] = 8; // echo request
+        pkt[4..6].copy_from_slice(&self.id.to_be_bytes());
+        pkt[6..8].copy_from_slice(&self.seq.to_be_bytes());
+        let sum = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sendto with a valid buffer and sockaddr_in.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return false;
+        }
+        let mut buf = [0u8; 1500];
+        loop {
+            // SAFETY: recv into a local buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n <= 0 {
+                return false; // timed out
+            }
+            let n = n as usize;
+            let ihl = ((buf[0] & 0x0f) as usize) * 4;
+            if n < ihl + 8 {
+                continue;
+            }
+            let icmp = &buf[ihl..n];
+            let src = std::net::Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+            if icmp[0] == 0
+                && src == dst
+                && icmp[4..6] == self.id.to_be_bytes()
+                && icmp[6..8] == self.seq.to_be_bytes()
+            {
+                return true;
+            }
+        }
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -71,6 +71,15 @@ pub struct PsArgs {
     format: Option<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Read end of the pipe on which `run` says "registered, go".
+    #[arg(long)]
+    ready_fd: i32,
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
 /// Namespaces to enter and a hostname to set, prepared before fork so that the child does
 /// nothing but system calls between fork and exec.
 struct Enter {
@@ -79,6 +88,55 @@ struct Enter {
     hostname: Option<CString>,
     die_with_parent: bool,
     new_session: bool,
+    /// An fd the child keeps across exec (the start gate's read end).
+    keep_fd: Option<i32>,
+}
+
+/// The container's first program: waits for `run`'s go (so the daemon holds its PID before
+/// the user's command can exit), then execs the command under the same PID. EOF instead of
+/// a go means `run` gave up: exit without running anything.
+pub fn container_init(args: &InitArgs) -> ExitCode {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `run` passed this fd to us for exactly this read; nothing else owns it.
+    let mut gate = unsafe { File::from_raw_fd(args.ready_fd) };
+    let mut go = [0u8; 1];
+    if !matches!(gate.read(&mut go), Ok(1)) || go[0] != b'1' {
+        return ExitCode::FAILURE;
+    }
+    drop(gate);
+    let (program, rest) = match args.command.split_first() {
+        Some(p) => p,
+        None => return ExitCode::FAILURE,
+    };
+    let err = std::process::Command::new(program).args(rest).exec();
+    eprintln!("vxnet: cannot start {program:?}: {err}");
+    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
+}
+
+/// Whether `program` names an executable file (directly, or found on PATH), so that a
+/// typo fails before anything is created.
+fn resolve_program(program: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| executable(&d.join(program))))
+            .unwrap_or(false)
+    };
+    if !found {
+        bail!("cannot start {program:?}: executable file not found (in $PATH or as given)");
+    }
+    Ok(())
 }
 
 fn command_in(enter: Enter, argv: &[String]) -> anyhow::Result<tokio::process::Command> {
@@ -115,6 +173,11 @@ fn command_in(enter: Enter, argv: &[String]) -> anyhow::Result<tokio::process::C
             if enter.new_session && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(fd) = enter.keep_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -138,6 +201,7 @@ fn check_tty(tty: bool) -> anyhow::Result<()> {
 
 pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<ExitCode> {
     check_tty(args.tty)?;
+    resolve_program(&args.command[0])?;
     let ip = match &args.ip {
         Some(s) => Some(
             s.parse()
@@ -180,20 +244,36 @@ async fn start_process(
     record: &ContainerRecord,
     args: &RunArgs,
 ) -> anyhow::Result<tokio::process::Child> {
+    use std::io::Write;
     let net = File::open(&record.netns).with_context(|| {
         format!(
             "cannot open the container's namespace {}",
             record.netns.display()
         )
     })?;
+    // The start gate: the child runs `vxnet container-init`, which waits on this pipe until
+    // the daemon holds the PID, so even `true` cannot exit unnoticed.
+    let (gate_r, gate_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("cannot make the start gate pipe")?;
+    let gate_fd = gate_r.as_raw_fd();
+    let exe = std::env::current_exe().context("cannot find the vxnet binary")?;
+    let mut argv = vec![
+        exe.to_string_lossy().into_owned(),
+        "container-init".into(),
+        "--ready-fd".into(),
+        gate_fd.to_string(),
+        "--".into(),
+    ];
+    argv.extend(args.command.iter().cloned());
     let enter = Enter {
         net,
         uts: None,
         hostname: Some(CString::new(record.hostname.clone()).context("hostname holds a NUL byte")?),
         die_with_parent: !args.detach,
         new_session: args.detach,
+        keep_fd: Some(gate_fd),
     };
-    let mut cmd = command_in(enter, &args.command)?;
+    let mut cmd = command_in(enter, &argv)?;
     if args.detach {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -204,13 +284,19 @@ async fn start_process(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {:?}", args.command[0]))?;
+    // Only the child keeps the read end.
+    drop(File::from(gate_r));
+    let mut gate = File::from(gate_w);
     let pid = child
         .id()
         .context("the command exited before it could be registered")?;
     if let Err(e) = client.container_start(record.id.as_str(), pid).await {
-        let _ = child.start_kill();
+        drop(gate); // EOF: the child exits without running the command
+        let _ = child.wait().await;
         return Err(e.into());
     }
+    gate.write_all(b"1")
+        .context("cannot release the container's command")?;
     Ok(child)
 }
 
@@ -241,6 +327,7 @@ pub async fn exec(client: &Client, args: ExecArgs) -> anyhow::Result<ExitCode> {
         hostname: None,
         die_with_parent: true,
         new_session: false,
+        keep_fd: None,
     };
     let mut cmd = command_in(enter, &args.command)?;
     if !(args.interactive || args.tty) {

@@ -61,6 +61,10 @@ enum Command {
     /// Re-read the kernel and fix whatever differs from the desired state.
     #[command(hide = true)]
     Reconcile,
+    /// Internal: the first program of a `vxnet run` container. Waits until `run` has
+    /// registered this PID with the daemon, then becomes the user's command.
+    #[command(hide = true)]
+    ContainerInit(container::InitArgs),
     /// Show this host's daemon, its node and the cluster it sees.
     Info {
         /// Output format: `json` for scripts.
@@ -79,6 +83,10 @@ pub fn main() -> ExitCode {
     // has a single thread: before the runtime exists.
     if let Command::Lab(lab::LabCommand::HostInit(args)) = &cli.command {
         return lab::host_init(args);
+    }
+    // Becomes the container's command by exec: no runtime, no threads.
+    if let Command::ContainerInit(args) = &cli.command {
+        return container::container_init(args);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { force, containers } => {
             container::rm(&client(&cli.host)?, force, &containers).await
         }
+        Command::ContainerInit(_) => Ok(ExitCode::FAILURE),
         Command::Reconcile => {
             let report = client(&cli.host)?.reconcile().await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
