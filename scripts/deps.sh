@@ -17,6 +17,7 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v ip >/dev/null || need+=(iproute2)
 # The data-plane tests ping across the overlay.
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v nsenter >/dev/null || need+=(util-linux)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
