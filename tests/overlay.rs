@@ -307,3 +307,45 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_half_made() {
     // The stopped container no longer holds an address: the network can go.
     lab.vx("vm2", &["network", "rm", "bad"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_connect_and_disconnect_add_and_remove_an_interface() {
+    let lab = TestLab::up(3).await;
+    lab.network("front", "10.0.11.0/24");
+    lab.network("back", "10.0.12.0/24");
+    lab.container("vm2", "app", "front");
+    let db = lab.container("vm3", "db", "back");
+    assert!(
+        !lab.pings("vm2", "app", &db),
+        "app reached back before being connected"
+    );
+
+    lab.vx("vm2", &["network", "connect", "back", "app"]);
+    let addrs = lab.vx("vm2", &["exec", "app", "--", "ip", "-o", "-4", "addr"]);
+    assert!(
+        addrs.contains("eth0") && addrs.contains("10.0.11."),
+        "{addrs}"
+    );
+    assert!(
+        addrs.contains("eth1") && addrs.contains("10.0.12."),
+        "{addrs}"
+    );
+    assert!(
+        lab.pings("vm2", "app", &db),
+        "connected container cannot reach back"
+    );
+    let err = lab.vx_err("vm2", &["network", "connect", "back", "app"]);
+    assert!(err.contains("already connected"), "{err}");
+
+    lab.vx("vm2", &["network", "disconnect", "back", "app"]);
+    let addrs = lab.vx("vm2", &["exec", "app", "--", "ip", "-o", "-4", "addr"]);
+    assert!(!addrs.contains("eth1"), "{addrs}");
+    let inspect = lab.vx("vm3", &["network", "inspect", "back"]);
+    assert!(
+        !inspect.contains("\"app\""),
+        "endpoint still listed: {inspect}"
+    );
+    assert!(!lab.pings("vm2", "app", &db));
+    let err = lab.vx_err("vm2", &["network", "disconnect", "back", "app"]);
+    assert!(err.contains("is not connected to network back"), "{err}");
+}
