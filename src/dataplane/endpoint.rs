@@ -28,9 +28,9 @@ pub struct EndpointSpec {
     pub default_gateway: Option<Ipv4Addr>,
 }
 
-const CONTAINER: &str = "the container namespace";
+pub(crate) const CONTAINER: &str = "the container namespace";
 
-fn validate_ifname(what: &'static str, name: &str) -> Result<(), DataplaneError> {
+pub(crate) fn validate_ifname(what: &'static str, name: &str) -> Result<(), DataplaneError> {
     // IFNAMSIZ is 16 with the terminating NUL; '/' and whitespace are refused by the kernel.
     if name.is_empty()
         || name.len() > 15
@@ -49,7 +49,7 @@ fn validate_ifname(what: &'static str, name: &str) -> Result<(), DataplaneError>
     Ok(())
 }
 
-fn is_veth(l: &LinkMessage) -> bool {
+pub(crate) fn is_veth(l: &LinkMessage) -> bool {
     links::kind(l) == Some(&InfoKind::Veth)
 }
 
@@ -65,17 +65,85 @@ fn are_peers(a: &LinkMessage, b: &LinkMessage) -> bool {
 /// repeat. A sandbox-side veth whose peer is not `container_ifname` in `container` (e.g. the
 /// container was re-created with a new namespace) is rebuilt; a `container_ifname` in the
 /// container that is not our peer is reported, not deleted: it is not ours.
+///
+/// With `default_gateway: None` no default route is added, and a default route out of this
+/// interface is removed: that is how `eth0` hands the default route over to the gateway
+/// bridge's `eth1`.
 pub async fn ensure_endpoint(
     sandbox: &Sandbox,
     container: &NetNs,
     spec: &EndpointSpec,
 ) -> Result<(), DataplaneError> {
-    validate_ifname("sandbox-side interface name", &spec.host_ifname)?;
-    validate_ifname("container interface name", &spec.container_ifname)?;
     let sb = sandbox.handle();
     let label = format!("sandbox {}", sandbox.name());
-    let host_object = format!("{} in {label}", spec.host_ifname);
-    let cont_object = format!("{} in {CONTAINER}", spec.container_ifname);
+    let ends = VethEnds {
+        host_ifname: &spec.host_ifname,
+        container_ifname: &spec.container_ifname,
+        mac: spec.mac,
+        mtu: spec.mtu,
+    };
+    // Everything in a sandbox is ours: a stale device under the veth's name is debris.
+    let pair = ensure_veth_pair(sb, &label, sandbox.bridge_index(), container, &ends, true).await?;
+    fix_link(
+        sb,
+        &pair.host,
+        Some(spec.mtu),
+        Some(sandbox.bridge_index()),
+        None,
+        &pair.host_object,
+    )
+    .await?;
+    let ch = &pair.container_handle;
+    fix_link(
+        ch,
+        &pair.container,
+        Some(spec.mtu),
+        None,
+        Some(&spec.mac.0),
+        &pair.container_object,
+    )
+    .await?;
+    let index = pair.container.header.index;
+    links::ensure_ipv4_address(ch, index, spec.address, &pair.container_object).await?;
+    ensure_default_route(ch, index, spec.default_gateway, &pair.container_object).await
+}
+
+/// What a veth pair between a bridge and a container is made of.
+pub(crate) struct VethEnds<'a> {
+    pub host_ifname: &'a str,
+    pub container_ifname: &'a str,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// Both ends of an existing veth pair, as the kernel reported them, with a netlink handle in
+/// the container's namespace and the names used in errors.
+pub(crate) struct VethPair {
+    pub host: LinkMessage,
+    pub container: LinkMessage,
+    pub container_handle: Handle,
+    pub host_object: String,
+    pub container_object: String,
+}
+
+/// Gets or creates a veth pair whose `host_ifname` end is in `h`'s namespace (`label`) and
+/// whose `container_ifname` end is in `container`. Only existence and pairing are settled
+/// here; callers bring the ends to their settings. A `container_ifname` that is not our
+/// peer is reported (not ours). A `host_ifname` that is not paired with it is deleted and
+/// the pair rebuilt when it is a veth (the leftover of a container re-created with a new
+/// namespace) or when `host_side_all_ours`; otherwise it is reported.
+pub(crate) async fn ensure_veth_pair(
+    h: &Handle,
+    label: &str,
+    bridge: u32,
+    container: &NetNs,
+    ends: &VethEnds<'_>,
+    host_side_all_ours: bool,
+) -> Result<VethPair, DataplaneError> {
+    validate_ifname("host-side interface name", ends.host_ifname)?;
+    validate_ifname("container interface name", ends.container_ifname)?;
+    let host_object = format!("{} in {label}", ends.host_ifname);
+    let container_object = format!("{} in {CONTAINER}", ends.container_ifname);
     let ch = container
         .netlink()
         .map_err(|source| DataplaneError::Namespace {
@@ -85,84 +153,75 @@ pub async fn ensure_endpoint(
             hint: "check that the container's namespace still exists",
         })?;
 
-    let mut host_side = links::link_by_name(sb, &spec.host_ifname, &label).await?;
-    let mut cont_side = links::link_by_name(&ch, &spec.container_ifname, CONTAINER).await?;
-    let paired = matches!((&host_side, &cont_side), (Some(h), Some(c)) if are_peers(h, c));
+    let mut host_side = links::link_by_name(h, ends.host_ifname, label).await?;
+    let mut cont_side = links::link_by_name(&ch, ends.container_ifname, CONTAINER).await?;
+    let paired = matches!((&host_side, &cont_side), (Some(a), Some(b)) if are_peers(a, b));
     if !paired {
         if let Some(c) = &cont_side {
             return Err(DataplaneError::NameTaken {
-                object: cont_object,
+                object: container_object,
                 found: format!(
                     "a {} that is not the peer of {host_object}",
                     links::kind_name(c)
                 ),
             });
         }
-        if let Some(h) = &host_side {
-            links::delete_link(sb, h.header.index, &host_object).await?;
+        if let Some(l) = &host_side {
+            if !host_side_all_ours && !is_veth(l) {
+                return Err(DataplaneError::NameTaken {
+                    object: host_object,
+                    found: format!("a {}, not a veth", links::kind_name(l)),
+                });
+            }
+            links::delete_link(h, l.header.index, &host_object).await?;
         }
-        create_veth(sb, sandbox.bridge_index(), container, spec, &host_object).await?;
-        host_side = links::link_by_name(sb, &spec.host_ifname, &label).await?;
-        cont_side = links::link_by_name(&ch, &spec.container_ifname, CONTAINER).await?;
+        create_veth(h, bridge, container, ends, &host_object).await?;
+        host_side = links::link_by_name(h, ends.host_ifname, label).await?;
+        cont_side = links::link_by_name(&ch, ends.container_ifname, CONTAINER).await?;
     }
-    let (Some(host_side), Some(cont_side)) = (host_side, cont_side) else {
+    let (Some(host), Some(cont)) = (host_side, cont_side) else {
         return Err(DataplaneError::Vanished {
-            object: format!("the veth pair {host_object} / {cont_object}"),
+            object: format!("the veth pair {host_object} / {container_object}"),
         });
     };
-
-    fix_link(
-        sb,
-        &host_side,
-        Some(spec.mtu),
-        Some(sandbox.bridge_index()),
-        None,
-        &host_object,
-    )
-    .await?;
-    fix_link(
-        &ch,
-        &cont_side,
-        Some(spec.mtu),
-        None,
-        Some(&spec.mac.0),
-        &cont_object,
-    )
-    .await?;
-    let index = cont_side.header.index;
-    links::ensure_ipv4_address(&ch, index, spec.address, &cont_object).await?;
-    ensure_default_route(&ch, index, spec.default_gateway, &cont_object).await
+    Ok(VethPair {
+        host,
+        container: cont,
+        container_handle: ch,
+        host_object,
+        container_object,
+    })
 }
 
-/// One request: the veth with its sandbox end on `br0` and up, and its peer created
+/// One request: the veth with its host end on `bridge` and up, and its peer created
 /// directly inside the container's namespace (IFLA_NET_NS_FD in the peer's message) with
 /// its final name, MAC and MTU. Moving a device between namespaces afterwards costs about
 /// 16 ms (an RCU grace period); creating it in place costs under 1 ms. The peer cannot be
 /// brought up in the same request: the kernel configures it before linking the pair, and
 /// veth_open refuses (ENOTCONN) an end without a peer; `fix_link` brings it up next.
 async fn create_veth(
-    sb: &Handle,
+    h: &Handle,
     bridge: u32,
     container: &NetNs,
-    spec: &EndpointSpec,
+    ends: &VethEnds<'_>,
     object: &str,
 ) -> Result<(), DataplaneError> {
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(spec.container_ifname.clone())
-        .address(spec.mac.0.to_vec())
-        .mtu(spec.mtu)
+        .name(ends.container_ifname.to_string())
+        .address(ends.mac.0.to_vec())
+        .mtu(ends.mtu)
         .setns_by_fd(container.as_fd().as_raw_fd())
         .build();
-    let msg = LinkVeth::new(&spec.host_ifname, &spec.container_ifname)
+    let msg = LinkVeth::new(ends.host_ifname, ends.container_ifname)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .mtu(spec.mtu)
+        .mtu(ends.mtu)
         .controller(bridge)
         .up()
         .build();
     call(
         "create the veth pair",
-        || format!("{object} / {} in {CONTAINER}", spec.container_ifname),
-        sb.link().add(msg).execute(),
+        || format!("{object} / {} in {CONTAINER}", ends.container_ifname),
+        h.link().add(msg).execute(),
     )
     .await
 }
@@ -193,7 +252,7 @@ fn route_table(r: &RouteMessage) -> u32 {
 
 /// The container's default route: via `gateway` out of `index`, or, with no gateway, none
 /// out of `index` (a default route of another interface is left alone).
-async fn ensure_default_route(
+pub(crate) async fn ensure_default_route(
     ch: &Handle,
     index: u32,
     gateway: Option<Ipv4Addr>,
