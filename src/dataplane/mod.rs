@@ -12,6 +12,7 @@
 //! Everything goes through rtnetlink; nothing here runs `ip` or `bridge`.
 
 mod endpoint;
+mod gateway;
 pub mod links;
 mod peers;
 mod sandbox;
@@ -20,6 +21,10 @@ use std::io;
 use std::time::Duration;
 
 pub use endpoint::{ensure_endpoint, list_endpoint_links, remove_endpoint, EndpointSpec};
+pub use gateway::{
+    enable_ipv4_forwarding, ensure_gateway_bridge, ensure_gateway_endpoint, remove_gateway_bridge,
+    remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
+};
 pub use links::{find_underlay, Underlay};
 pub use peers::{add_peers, list_peers, remove_peers, Peer};
 pub use sandbox::{
