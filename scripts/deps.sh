@@ -19,6 +19,13 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+# The firewall module links libnftnl and libmnl (found with pkg-config); its tests read the
+# table back with nft.
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -f /usr/include/libnftnl/table.h ] || need+=(libnftnl-dev)
+[ -f /usr/include/libmnl/libmnl.h ] || need+=(libmnl-dev)
+command -v nft >/dev/null || need+=(nftables)
+command -v sysctl >/dev/null || need+=(procps)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "vxnet: installing ${need[*]}" >&2

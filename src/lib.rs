@@ -9,6 +9,7 @@ pub mod container;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod firewall;
 pub mod format;
 pub mod ipam;
 pub mod lab;

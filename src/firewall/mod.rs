@@ -1,0 +1,268 @@
+//! vxnet's host firewall: one nftables table, `inet vxnet`, that vxnet owns and replaces
+//! whole, and nothing anywhere else (no iptables, no other table is read or touched).
+//!
+//! The table gives the gateway bridge (`vxnet_gwbridge`, Docker's `docker_gwbridge`) its NAT
+//! and isolation, as `nft list table inet vxnet` prints it:
+//!
+//! ```text
+//! table inet vxnet {
+//!     chain postrouting {
+//!         type nat hook postrouting priority srcnat; policy accept;
+//!         ip saddr 172.18.0.0/16 oifname != "vxnet_gwbridge" masquerade
+//!     }
+//!     chain prerouting {
+//!         type nat hook prerouting priority dstnat; policy accept;
+//!         fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
+//!     }
+//!     chain output {
+//!         type nat hook output priority dstnat; policy accept;
+//!         fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
+//!     }
+//!     chain forward {
+//!         type filter hook forward priority filter; policy accept;
+//!         iifname "vxnet_gwbridge" oifname "vxnet_gwbridge" drop
+//!     }
+//! }
+//! ```
+//!
+//! Backends sit behind the [`Firewall`] trait (as in netavark); [`Nftables`] programs the
+//! kernel over nf_tables netlink (libnftnl + libmnl), in the calling thread's network
+//! namespace: run it on a thread made for that namespace (`NetNs::run`), never on a tokio
+//! worker that has been moved into another one.
+
+mod nftables;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+
+pub use nftables::Nftables;
+
+/// The table vxnet owns (family `inet`).
+pub const TABLE: &str = "vxnet";
+
+/// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
+const IFNAME_MAX: usize = 15;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A published port: `<proto> <host_port>` on any of this host's addresses is DNATed to
+/// `<container_ip>:<container_port>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortMapping {
+    pub proto: Proto,
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} -> {}:{}",
+            self.proto, self.host_port, self.container_ip, self.container_port
+        )
+    }
+}
+
+/// Everything the `inet vxnet` table says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The gateway bridge, e.g. "vxnet_gwbridge".
+    pub bridge: String,
+    /// The bridge's subnet, e.g. 172.18.0.0/16: its sources are masqueraded leaving the host.
+    pub subnet: ipnet::Ipv4Net,
+    pub ports: Vec<PortMapping>,
+}
+
+impl Ruleset {
+    /// Checks what the kernel would otherwise refuse half-way or accept wrongly: the bridge
+    /// name, ports 0 and a host port published twice.
+    pub fn validate(&self) -> Result<(), FirewallError> {
+        let invalid = |reason: String| Err(FirewallError::InvalidRuleset { reason });
+        if self.bridge.is_empty() || self.bridge.len() > IFNAME_MAX {
+            return invalid(format!(
+                "bridge name {:?} must be 1 to {IFNAME_MAX} bytes long",
+                self.bridge
+            ));
+        }
+        if self
+            .bridge
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+        {
+            return invalid(format!(
+                "bridge name {:?} is not a valid interface name (no NUL, '/' or spaces)",
+                self.bridge
+            ));
+        }
+        let mut seen = HashSet::new();
+        for p in &self.ports {
+            if p.host_port == 0 || p.container_port == 0 {
+                return invalid(format!("port mapping {p}: port 0 cannot be published"));
+            }
+            if !seen.insert((p.proto, p.host_port)) {
+                return invalid(format!(
+                    "host port {} {} is published twice: unpublish one of them",
+                    p.proto, p.host_port
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The port mappings in the order their rules are installed: by protocol, then host port,
+    /// so the same set of mappings always gives the same table whatever order it came in.
+    pub fn sorted_ports(&self) -> Vec<&PortMapping> {
+        let mut ports: Vec<&PortMapping> = self.ports.iter().collect();
+        ports.sort_by_key(|p| (p.proto, p.host_port));
+        ports
+    }
+}
+
+/// A firewall backend. Implementations act on the calling thread's network namespace.
+pub trait Firewall: Send + Sync {
+    /// Atomically replaces the whole `inet vxnet` table with what `ruleset` says (one batch:
+    /// add table, delete table, add table + chains + rules; never a moment without rules, and
+    /// applying the same ruleset again gives the identical table).
+    fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
+    /// Deletes the `inet vxnet` table if present (idempotent).
+    fn remove(&self) -> Result<(), FirewallError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("invalid firewall ruleset: {reason}")]
+    InvalidRuleset { reason: String },
+    #[error(
+        "cannot open a netfilter netlink socket: {source} (vxnet needs CAP_NET_ADMIN in this \
+         network namespace: run the daemon as root)"
+    )]
+    Socket { source: io::Error },
+    #[error("cannot send the nftables batch for table inet {TABLE} to the kernel: {source}")]
+    Send { source: io::Error },
+    #[error(
+        "cannot read the kernel's answer to the nftables batch for table inet {TABLE}: {source}"
+    )]
+    Receive { source: io::Error },
+    #[error(
+        "no answer from the kernel to the nftables batch for table inet {TABLE} after {secs} s \
+         (the table is unchanged if the batch was not applied; run `nft list table inet {TABLE}` \
+         to see what is there)"
+    )]
+    Timeout { secs: u64 },
+    #[error(
+        "the kernel refused the nftables batch for table inet {TABLE} at {what}: {source}; \
+         nothing was changed (the batch is all or nothing). {hint}"
+    )]
+    Rejected {
+        what: String,
+        source: io::Error,
+        hint: &'static str,
+    },
+}
+
+impl FirewallError {
+    /// What to do about a refusal, by errno.
+    pub(crate) fn hint(errno: Option<i32>) -> &'static str {
+        match errno {
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                "vxnet needs CAP_NET_ADMIN in this network namespace: run the daemon as root"
+            }
+            Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::EAFNOSUPPORT) => {
+                "the kernel lacks an nf_tables feature this table needs (nat chains, masquerade, \
+                 fib, dnat): build the kernel with CONFIG_NF_TABLES_INET, CONFIG_NFT_NAT, \
+                 CONFIG_NFT_MASQ and CONFIG_NFT_FIB_INET, or load those modules"
+            }
+            Some(libc::EBUSY) => {
+                "something else holds the table (another vxnet daemon in this namespace?): \
+                 stop it and try again"
+            }
+            Some(libc::ENOBUFS) | Some(libc::ENOMEM) => {
+                "the kernel ran out of memory for the batch: publish fewer ports or retry"
+            }
+            _ => {
+                "this is likely a vxnet bug in the rule encoding: please report it with the ruleset"
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(bridge: &str, ports: Vec<PortMapping>) -> Ruleset {
+        Ruleset {
+            bridge: bridge.to_string(),
+            subnet: "172.18.0.0/16".parse().unwrap(),
+            ports,
+        }
+    }
+
+    fn pm(proto: Proto, host_port: u16, container_port: u16) -> PortMapping {
+        PortMapping {
+            proto,
+            host_port,
+            container_ip: Ipv4Addr::new(172, 18, 0, 2),
+            container_port,
+        }
+    }
+
+    #[test]
+    fn bridge_names_are_checked() {
+        assert!(rs("vxnet_gwbridge", vec![]).validate().is_ok());
+        assert!(rs("", vec![]).validate().is_err());
+        assert!(rs("a_name_too_long_", vec![]).validate().is_err());
+        assert!(rs("a/b", vec![]).validate().is_err());
+        assert!(rs("a b", vec![]).validate().is_err());
+    }
+
+    #[test]
+    fn ports_are_checked() {
+        assert!(rs("br", vec![pm(Proto::Tcp, 0, 80)]).validate().is_err());
+        assert!(rs("br", vec![pm(Proto::Tcp, 80, 0)]).validate().is_err());
+        let twice = rs("br", vec![pm(Proto::Tcp, 80, 80), pm(Proto::Tcp, 80, 81)]);
+        let e = twice.validate().unwrap_err().to_string();
+        assert!(e.contains("tcp 80 is published twice"), "{e}");
+        // The same number over both protocols is two different ports.
+        let both = rs("br", vec![pm(Proto::Tcp, 53, 53), pm(Proto::Udp, 53, 53)]);
+        assert!(both.validate().is_ok());
+    }
+
+    #[test]
+    fn rule_order_does_not_depend_on_input_order() {
+        let a = rs(
+            "br",
+            vec![
+                pm(Proto::Udp, 1, 1),
+                pm(Proto::Tcp, 9, 9),
+                pm(Proto::Tcp, 2, 2),
+            ],
+        );
+        let order: Vec<_> = a
+            .sorted_ports()
+            .iter()
+            .map(|p| (p.proto, p.host_port))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(Proto::Tcp, 2), (Proto::Tcp, 9), (Proto::Udp, 1)]
+        );
+    }
+}
