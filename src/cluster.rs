@@ -47,6 +47,9 @@ pub struct NetworkCreate {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// No way out of the overlay for its containers (no gateway bridge interface).
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// What creating an endpoint asks for.
@@ -328,6 +331,7 @@ impl Cluster {
                 vni,
                 mtu: req.mtu,
                 labels: req.labels.clone(),
+                internal: req.internal,
                 created: model::now_rfc3339(),
                 created_by: self.node_id.clone(),
             };

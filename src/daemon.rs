@@ -19,7 +19,7 @@ use crate::container::record::Registry;
 use crate::container::ContainerService;
 use crate::model::{self, Node};
 use crate::node::{load_or_create_node_id, spawn_membership};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{GatewayConfig, LocalHost, Reconciler};
 use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::{Keys, Store, StoreError};
 use crate::view::spawn_watcher;
@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     pub store_prefix: String,
     pub lease_ttl: Duration,
     pub etcd_user: Option<(String, String)>,
+    /// The gateway bridge's subnet (eth1 of every non-internal container).
+    pub gateway_subnet: ipnet::Ipv4Net,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,11 +130,18 @@ pub async fn run(
     let registry = Arc::new(Registry::load(&containers_dir).map_err(io_err(&containers_dir))?);
     let reconciler = Arc::new(Reconciler::new(
         host_netlink,
-        config.run_dir.clone(),
-        config.advertise_addr,
-        node_id,
+        LocalHost {
+            run_dir: config.run_dir.clone(),
+            advertise: config.advertise_addr,
+            node_id,
+            gateway: GatewayConfig {
+                bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
+                subnet: config.gateway_subnet,
+            },
+        },
         view.clone(),
         registry.clone(),
+        Arc::new(crate::firewall::Nftables),
     ));
     let containers = ContainerService::new(
         cluster.clone(),
@@ -147,6 +156,7 @@ pub async fn run(
         containers.clone(),
         reconciler.clone(),
     ));
+    let firewall_owner = reconciler.clone();
     let app = router(Arc::new(ApiState {
         cluster,
         containers,
@@ -165,6 +175,10 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    // A clean stop leaves no rule of ours behind (a restart programs them again).
+    if let Err(e) = firewall_owner.remove_firewall().await {
+        tracing::warn!(error = %e, "cannot remove vxnet's nftables table");
+    }
     served.map_err(io_err(&config.socket))?;
     tracing::info!("vxnet daemon stopped");
     Ok(())

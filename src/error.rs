@@ -81,6 +81,12 @@ pub enum Error {
     AlreadyConnected { container: String, network: String },
     #[error("container {container} is not connected to network {network}")]
     NotConnected { container: String, network: String },
+    #[error(
+        "port {port} is already published on this host by container {by}: choose another host port"
+    )]
+    PortInUse { port: String, by: String },
+    #[error("firewall: {0}")]
+    Firewall(#[from] crate::firewall::FirewallError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -130,12 +136,15 @@ impl Error {
             | Error::ContainerNotRunning(_)
             | Error::ContainerRunning(_)
             | Error::AlreadyConnected { .. }
+            | Error::PortInUse { .. }
             | Error::NotConnected { .. } => ErrorKind::Conflict,
             Error::Contention(_) | Error::NotRegistered => ErrorKind::Unavailable,
             Error::Store(StoreError::Unreachable { .. }) => ErrorKind::Unavailable,
-            Error::Store(_) | Error::Corrupt { .. } | Error::Dataplane(_) | Error::Io { .. } => {
-                ErrorKind::Internal
-            }
+            Error::Store(_)
+            | Error::Corrupt { .. }
+            | Error::Dataplane(_)
+            | Error::Firewall(_)
+            | Error::Io { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -135,6 +135,62 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
+/// A transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A container port reachable on its host's addresses (`run -p HOSTPORT:PORT[/PROTO]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub proto: Proto,
+}
+
+impl FromStr for PublishedPort {
+    type Err = String;
+    /// Docker's short form: `8080:80`, `8080:80/tcp`, `53:53/udp`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid port mapping {s:?}: use HOSTPORT:CONTAINERPORT[/tcp|udp]");
+        let (ports, proto) = match s.rsplit_once('/') {
+            Some((p, "tcp")) => (p, Proto::Tcp),
+            Some((p, "udp")) => (p, Proto::Udp),
+            Some(_) => return Err(bad()),
+            None => (s, Proto::Tcp),
+        };
+        let (host, container) = ports.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        Ok(PublishedPort {
+            host_port: port(host)?,
+            container_port: port(container)?,
+            proto,
+        })
+    }
+}
+
+impl fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.host_port, self.container_port, self.proto
+        )
+    }
+}
+
 /// The only driver today; kept as a field so `network ls` reads like Docker's.
 pub const DRIVER_OVERLAY: &str = "overlay";
 /// vxnet networks exist on every host of the cluster.
@@ -157,6 +213,10 @@ pub struct Network {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Internal networks reach nothing outside the overlay: their containers get no gateway
+    /// bridge interface (Docker's `--internal`).
+    #[serde(default)]
+    pub internal: bool,
     /// RFC 3339, UTC.
     pub created: String,
     /// The node whose daemon created it (for `inspect`; not used for ownership).
@@ -231,6 +291,32 @@ mod tests {
         assert_eq!("02:42:0a:00:04:02".parse::<Mac>().unwrap(), mac);
         assert!("02:42:0a:00:04".parse::<Mac>().is_err());
         assert!("02:42:0a:00:04:02:01".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn port_mappings_parse_like_docker() {
+        let p: PublishedPort = "8080:80".parse().unwrap();
+        assert_eq!(
+            (p.host_port, p.container_port, p.proto),
+            (8080, 80, Proto::Tcp)
+        );
+        let p: PublishedPort = "53:5353/udp".parse().unwrap();
+        assert_eq!(
+            (p.host_port, p.container_port, p.proto),
+            (53, 5353, Proto::Udp)
+        );
+        assert_eq!(p.to_string(), "53:5353/udp");
+        for bad in [
+            "80",
+            "0:80",
+            "80:0",
+            "80:80/sctp",
+            "a:80",
+            "70000:80",
+            ":80",
+        ] {
+            assert!(bad.parse::<PublishedPort>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -20,9 +20,10 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::container::record::{Attachment, ContainerState, Registry};
+use crate::container::record::{Attachment, ContainerState, GatewayAttachment, Registry};
 use crate::dataplane::{self, EndpointSpec, Peer, Sandbox, SandboxSpec, Underlay};
 use crate::error::Error;
+use crate::firewall::{Firewall, PortMapping, Ruleset};
 use crate::model::{Network, NetworkId, NodeId};
 use crate::netns::NetNs;
 use crate::view::{ClusterView, SharedView};
@@ -37,6 +38,36 @@ pub fn sandbox_name(net: &NetworkId) -> String {
     format!("{}{}", dataplane::SANDBOX_PREFIX, &net.as_str()[..10])
 }
 
+/// This host's gateway bridge (Docker's docker_gwbridge): containers' way out of the overlay.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+}
+
+impl GatewayConfig {
+    pub const DEFAULT_BRIDGE: &'static str = "vxnet_gwbridge";
+    /// Docker's default; configurable because it collides with many corporate networks.
+    pub const DEFAULT_SUBNET: &'static str = "172.18.0.0/16";
+    /// The MTU of the bridge and of the containers' eth1: no encapsulation on this path.
+    pub const MTU: u32 = 1500;
+
+    /// The bridge's own address: the subnet's first host address.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    }
+}
+
+/// What the reconciler needs to know about the host it runs on.
+#[derive(Clone, Debug)]
+pub struct LocalHost {
+    pub run_dir: PathBuf,
+    /// The underlay address (the VTEP); the underlay interface is the one holding it.
+    pub advertise: IpAddr,
+    pub node_id: NodeId,
+    pub gateway: GatewayConfig,
+}
+
 /// What a full resync found and fixed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ResyncReport {
@@ -46,6 +77,10 @@ pub struct ResyncReport {
     pub stray_links_removed: usize,
     pub peers_added: usize,
     pub peers_removed: usize,
+    #[serde(default)]
+    pub gateway_endpoints: usize,
+    #[serde(default)]
+    pub published_ports: usize,
 }
 
 struct Programmed {
@@ -65,27 +100,143 @@ pub struct Reconciler {
     registry: Arc<Registry>,
     state: Mutex<HashMap<NetworkId, Programmed>>,
     underlay: Mutex<Option<Underlay>>,
+    gateway: GatewayConfig,
+    /// The gateway bridge's index once it exists (made with the first container that needs it).
+    gateway_bridge: Mutex<Option<u32>>,
+    firewall: Arc<dyn Firewall>,
 }
 
 impl Reconciler {
     pub fn new(
         host: rtnetlink::Handle,
-        run_dir: PathBuf,
-        advertise: IpAddr,
-        node_id: NodeId,
+        local: LocalHost,
         view: SharedView,
         registry: Arc<Registry>,
+        firewall: Arc<dyn Firewall>,
     ) -> Self {
         Reconciler {
             host,
-            run_dir,
-            advertise,
-            node_id,
+            run_dir: local.run_dir,
+            advertise: local.advertise,
+            node_id: local.node_id,
             view,
             registry,
             state: Mutex::new(HashMap::new()),
             underlay: Mutex::new(None),
+            gateway: local.gateway,
+            gateway_bridge: Mutex::new(None),
+            firewall,
         }
+    }
+
+    pub fn gateway_config(&self) -> &GatewayConfig {
+        &self.gateway
+    }
+
+    /// The gateway bridge, made (with forwarding on and the NAT rules in place) if missing.
+    async fn ensure_gateway_bridge(&self) -> Result<u32, Error> {
+        let mut cached = self.gateway_bridge.lock().await;
+        if let Some(index) = *cached {
+            return Ok(index);
+        }
+        let address = Ipv4Net::new(self.gateway.gateway(), self.gateway.subnet.prefix_len())
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        let spec = dataplane::GatewayBridgeSpec {
+            name: self.gateway.bridge.clone(),
+            address,
+            mtu: GatewayConfig::MTU,
+        };
+        let index = dataplane::ensure_gateway_bridge(&self.host, &spec).await?;
+        // Routing out of the bridge needs forwarding in this (the host's) namespace; this
+        // runs on a runtime thread, which is always in the daemon's own namespace.
+        dataplane::enable_ipv4_forwarding()
+            .map_err(|e| Error::io("enabling IPv4 forwarding", e))?;
+        *cached = Some(index);
+        drop(cached);
+        self.sync_firewall().await?;
+        Ok(index)
+    }
+
+    /// Programs a container's eth1 on the gateway bridge, default route included.
+    pub async fn attach_gateway(
+        &self,
+        container: &NetNs,
+        gw: &GatewayAttachment,
+    ) -> Result<(), Error> {
+        let bridge = self.ensure_gateway_bridge().await?;
+        dataplane::ensure_gateway_endpoint(&self.host, bridge, container, &Self::gateway_spec(gw)?)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn detach_gateway(&self, gw: &GatewayAttachment) -> Result<(), Error> {
+        dataplane::remove_gateway_endpoint(&self.host, &gw.host_ifname).await?;
+        Ok(())
+    }
+
+    fn gateway_spec(gw: &GatewayAttachment) -> Result<dataplane::GatewayEndpointSpec, Error> {
+        Ok(dataplane::GatewayEndpointSpec {
+            host_ifname: gw.host_ifname.clone(),
+            container_ifname: gw.ifname.clone(),
+            address: Ipv4Net::new(gw.ip, gw.prefix_len)
+                .map_err(|e| Error::invalid(e.to_string()))?,
+            mac: gw.mac,
+            mtu: GatewayConfig::MTU,
+            default_gateway: gw.gateway,
+        })
+    }
+
+    /// The firewall's desired state: masquerade for the gateway subnet, ICC off, and every
+    /// live container's published ports.
+    fn ruleset(&self) -> Ruleset {
+        let mut ports = Vec::new();
+        for r in self.registry.list() {
+            if matches!(r.state, ContainerState::Exited { .. }) {
+                continue;
+            }
+            let Some(gw) = &r.gateway_attachment else {
+                continue;
+            };
+            for p in &r.ports {
+                ports.push(PortMapping {
+                    proto: p.proto,
+                    host_port: p.host_port,
+                    container_ip: gw.ip,
+                    container_port: p.container_port,
+                });
+            }
+        }
+        ports.sort_by_key(|p| (p.proto, p.host_port));
+        Ruleset {
+            bridge: self.gateway.bridge.clone(),
+            subnet: self.gateway.subnet,
+            ports,
+        }
+    }
+
+    /// Replaces vxnet's nftables table with the desired one (atomic, idempotent). Nothing is
+    /// programmed before the gateway bridge exists: no container here needs NAT yet.
+    pub async fn sync_firewall(&self) -> Result<usize, Error> {
+        if self.gateway_bridge.lock().await.is_none() {
+            return Ok(0);
+        }
+        let ruleset = self.ruleset();
+        let count = ruleset.ports.len();
+        let firewall = self.firewall.clone();
+        // A blocking netlink exchange, on a blocking-pool thread: still the daemon's namespace.
+        tokio::task::spawn_blocking(move || firewall.apply(&ruleset))
+            .await
+            .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
+        Ok(count)
+    }
+
+    /// Removes vxnet's nftables table (clean shutdown).
+    pub async fn remove_firewall(&self) -> Result<(), Error> {
+        let firewall = self.firewall.clone();
+        tokio::task::spawn_blocking(move || firewall.remove())
+            .await
+            .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
+        Ok(())
     }
 
     /// The interface holding the advertise address (looked up once, again after a failure).
@@ -176,9 +327,8 @@ impl Reconciler {
                 .map_err(|e| Error::invalid(e.to_string()))?,
             mac: att.mac,
             mtu: att.mtu,
-            // The first interface carries the default route (the gateway bridge will take it
-            // over later); later ones reach only their own subnet.
-            default_gateway: (att.ifname == "eth0").then_some(att.gateway),
+            // Only an overlay without a gateway bridge beside it carries the default route.
+            default_gateway: att.default_route.then_some(att.gateway),
         })
     }
 
@@ -343,6 +493,38 @@ impl Reconciler {
                 },
             );
         }
+        drop(state);
+        // The gateway bridge: every live container's eth1, and the firewall.
+        let live: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|r| !matches!(r.state, ContainerState::Exited { .. }))
+            .filter(|r| r.gateway_attachment.is_some())
+            .collect();
+        if !live.is_empty() {
+            let bridge = self.ensure_gateway_bridge().await?;
+            for r in &live {
+                let Some(gw) = &r.gateway_attachment else {
+                    continue;
+                };
+                match NetNs::open(&r.netns) {
+                    Ok(ns) => {
+                        dataplane::ensure_gateway_endpoint(
+                            &self.host,
+                            bridge,
+                            &ns,
+                            &Self::gateway_spec(gw)?,
+                        )
+                        .await?;
+                        report.gateway_endpoints += 1;
+                    }
+                    Err(e) => tracing::warn!(netns = %r.netns.display(), error = %e,
+                        "container namespace missing; its gateway interface cannot be repaired"),
+                }
+            }
+        }
+        report.published_ports = self.sync_firewall().await?;
         Ok(report)
     }
 

@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// Host name inside the container (default: the short ID).
     #[arg(long)]
     hostname: Option<String>,
+    /// Publish a port on this host's addresses: HOSTPORT:CONTAINERPORT[/tcp|udp]; repeatable.
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -209,6 +212,11 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    let publish = args
+        .publish
+        .iter()
+        .map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e)))
+        .collect::<anyhow::Result<Vec<crate::model::PublishedPort>>>()?;
     let record = client
         .container_create(&CreateRequest {
             name: args.name.clone(),
@@ -217,6 +225,7 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<ExitCode> {
             hostname: args.hostname.clone(),
             command: args.command.clone(),
             auto_remove: args.rm,
+            publish,
         })
         .await?;
     let started = start_process(client, &record, &args).await;
@@ -371,6 +380,13 @@ pub async fn ps(client: &Client, args: PsArgs) -> anyhow::Result<ExitCode> {
                         r.name.clone(),
                         format!("{:?}", r.command.join(" ")),
                         status_text(r),
+                        r.ports
+                            .iter()
+                            .map(|p| {
+                                format!("0.0.0.0:{}->{}/{}", p.host_port, p.container_port, p.proto)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         r.attachments
                             .iter()
                             .map(|a| format!("{}:{}", a.network_name, a.ip))
@@ -382,7 +398,14 @@ pub async fn ps(client: &Client, args: PsArgs) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 crate::format::table(
-                    &["CONTAINER ID", "NAME", "COMMAND", "STATUS", "NETWORKS"],
+                    &[
+                        "CONTAINER ID",
+                        "NAME",
+                        "COMMAND",
+                        "STATUS",
+                        "PORTS",
+                        "NETWORKS"
+                    ],
                     &rows
                 )
             );
@@ -392,39 +415,15 @@ pub async fn ps(client: &Client, args: PsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn stop(client: &Client, time: u64, containers: &[String]) -> anyhow::Result<ExitCode> {
-    each(containers, |c| async move {
+    super::for_each(containers, |c| async move {
         client.container_stop(&c, time).await.map(drop)
     })
     .await
 }
 
 pub async fn rm(client: &Client, force: bool, containers: &[String]) -> anyhow::Result<ExitCode> {
-    each(containers, |c| async move {
+    super::for_each(containers, |c| async move {
         client.container_rm(&c, force).await
     })
     .await
-}
-
-/// Runs `f` for each name, printing the name on success and the error otherwise (Docker's
-/// way for multi-argument verbs); exit 1 if any failed.
-async fn each<F, Fut>(names: &[String], f: F) -> anyhow::Result<ExitCode>
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(), crate::api::client::ClientError>>,
-{
-    let mut ok = true;
-    for n in names {
-        match f(n.clone()).await {
-            Ok(()) => println!("{n}"),
-            Err(e) => {
-                eprintln!("{e}");
-                ok = false;
-            }
-        }
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

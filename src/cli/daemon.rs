@@ -39,6 +39,10 @@ pub struct DaemonArgs {
     /// etcd credentials as USER:PASSWORD (when etcd's auth is on).
     #[arg(long, env = "VXNET_ETCD_USER")]
     etcd_user: Option<String>,
+    /// Subnet of this host's gateway bridge (containers' eth1, NAT'd); pick one that does not
+    /// collide with your networks.
+    #[arg(long, default_value = crate::reconcile::GatewayConfig::DEFAULT_SUBNET)]
+    gateway_bridge_subnet: ipnet::Ipv4Net,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -77,6 +81,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         store_prefix: args.store_prefix,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         etcd_user,
+        gateway_subnet: args.gateway_bridge_subnet,
     };
     crate::daemon::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -165,3 +165,27 @@ async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode>
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Runs `f` for each name, printing the name on success and the error otherwise (Docker's
+/// way for multi-argument verbs); exit 1 if any failed.
+pub(crate) async fn for_each<F, Fut>(names: &[String], f: F) -> anyhow::Result<ExitCode>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::api::client::ClientError>>,
+{
+    let mut ok = true;
+    for n in names {
+        match f(n.clone()).await {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

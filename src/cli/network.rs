@@ -36,6 +36,9 @@ pub enum NetworkCommand {
         /// Metadata, KEY=VALUE; repeat for more.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Restrict external access: containers get no gateway bridge interface (eth1).
+        #[arg(long)]
+        internal: bool,
         name: String,
     },
     /// List networks.
@@ -95,6 +98,7 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
             vni,
             mtu,
             labels,
+            internal,
             name,
         } => {
             let mut label_map = BTreeMap::new();
@@ -120,6 +124,7 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
                 vni,
                 mtu,
                 labels: label_map,
+                internal,
             };
             let net = client.network_create(&req).await?;
             println!("{}", net.id);
@@ -188,21 +193,7 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         NetworkCommand::Rm { networks } => {
-            let mut ok = true;
-            for n in &networks {
-                match client.network_rm(n).await {
-                    Ok(()) => println!("{n}"),
-                    Err(e) => {
-                        eprintln!("{e}");
-                        ok = false;
-                    }
-                }
-            }
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            super::for_each(&networks, |n| async move { client.network_rm(&n).await }).await
         }
     }
 }

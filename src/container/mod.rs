@@ -21,12 +21,12 @@ use tokio::sync::Mutex;
 
 use crate::cluster::{self, Cluster, EndpointCreate, StoredNetwork};
 use crate::error::Error;
-use crate::model::{self, Id};
+use crate::model::{self, Id, Mac, PublishedPort};
 use crate::netns::NetNs;
 use crate::reconcile::Reconciler;
 use crate::view::SharedView;
 use process::ProcessHandle;
-use record::{Attachment, ContainerRecord, ContainerState, Registry};
+use record::{Attachment, ContainerRecord, ContainerState, GatewayAttachment, Refused, Registry};
 
 /// How long a created container waits for its process before it is cleaned up (the CLI
 /// that created it died before starting the command).
@@ -47,6 +47,9 @@ pub struct CreateRequest {
     pub command: Vec<String>,
     #[serde(default)]
     pub auto_remove: bool,
+    /// Ports to publish on this host's addresses (`-p 8080:80/tcp`).
+    #[serde(default)]
+    pub publish: Vec<PublishedPort>,
 }
 
 /// `POST /v1/containers/{c}/start`.
@@ -74,6 +77,9 @@ pub struct ContainerService {
     processes: SyncMutex<HashMap<Id, Arc<ProcessHandle>>>,
     /// One lock per container: its state changes (start, exit, stop, connect…) never interleave.
     locks: SyncMutex<HashMap<Id, Arc<Mutex<()>>>>,
+    /// Gateway-bridge addresses are host-local: picking one and recording it in the
+    /// container's record happen under this lock.
+    gateway_lock: Mutex<()>,
 }
 
 fn hostname_ok(h: &str) -> bool {
@@ -99,6 +105,7 @@ impl ContainerService {
             netns_dir: run_dir.join("netns"),
             processes: SyncMutex::new(HashMap::new()),
             locks: SyncMutex::new(HashMap::new()),
+            gateway_lock: Mutex::new(()),
         })
     }
 
@@ -140,10 +147,10 @@ impl ContainerService {
         &self,
         record: &ContainerRecord,
         ns: &NetNs,
-        network: &str,
+        stored: &StoredNetwork,
         ip: Option<Ipv4Addr>,
+        default_route: bool,
     ) -> Result<Attachment, Error> {
-        let stored = self.resolve_network(network).await?;
         let net = &stored.network;
         if record.attachments.iter().any(|a| a.network_id == net.id) {
             return Err(Error::AlreadyConnected {
@@ -161,12 +168,19 @@ impl ContainerService {
         };
         let endpoint = self
             .cluster
-            .create_endpoint(&stored, req, known)
+            .create_endpoint(stored, req, known)
             .await?
             .value;
+        let taken = |n: &String| {
+            record.attachments.iter().any(|a| &a.ifname == n)
+                || record
+                    .gateway_attachment
+                    .as_ref()
+                    .is_some_and(|g| &g.ifname == n)
+        };
         let ifname = (0..)
             .map(|i| format!("eth{i}"))
-            .find(|n| record.attachments.iter().all(|a| &a.ifname != n))
+            .find(|n| !taken(n))
             .unwrap_or_else(|| "eth0".into());
         let att = Attachment {
             network_id: net.id.clone(),
@@ -178,12 +192,50 @@ impl ContainerService {
             mac: endpoint.mac,
             gateway: net.gateway,
             mtu,
+            default_route,
         };
         if let Err(e) = self.reconciler.attach(ns, net, &att).await {
             self.release(&att).await;
             return Err(e);
         }
         Ok(att)
+    }
+
+    /// Gives the container its interface on the gateway bridge (eth1): a host-local address,
+    /// MAC from the IP, the default route.
+    async fn attach_gateway(&self, record: &mut ContainerRecord, ns: &NetNs) -> Result<(), Error> {
+        let _pick = self.gateway_lock.lock().await;
+        let cfg = self.reconciler.gateway_config();
+        let used: std::collections::HashSet<Ipv4Addr> = self
+            .registry
+            .list()
+            .iter()
+            .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.ip))
+            .collect();
+        let pool = crate::ipam::AddressPool::new(cfg.subnet, Some(cfg.gateway()), None)?;
+        let ip = pool.next_free(&used, None).ok_or_else(|| {
+            Error::conflict(format!(
+                "no address left on the gateway bridge {} ({}): use a larger --gateway-bridge-subnet",
+                cfg.bridge, cfg.subnet
+            ))
+        })?;
+        let gw = GatewayAttachment {
+            ifname: "eth1".into(),
+            host_ifname: format!("gw{}", &record.id.as_str()[..7]),
+            ip,
+            prefix_len: cfg.subnet.prefix_len(),
+            mac: Mac::from_ipv4(ip),
+            gateway: cfg.gateway(),
+        };
+        self.reconciler.attach_gateway(ns, &gw).await?;
+        record.gateway_attachment = Some(gw);
+        if let Err(e) = self.registry.put(record.clone()) {
+            if let Some(gw) = record.gateway_attachment.take() {
+                let _ = self.reconciler.detach_gateway(&gw).await;
+            }
+            return Err(Error::io("saving container record", e));
+        }
+        Ok(())
     }
 
     /// Removes an attachment's interface and its endpoint in the store. Best effort: used on
@@ -229,17 +281,35 @@ impl ContainerService {
             state: ContainerState::Created,
             attachments: vec![],
             auto_remove: req.auto_remove,
+            gateway_attachment: None,
+            ports: vec![],
         };
-        if !self
+        record.ports = req.publish.clone();
+        match self
             .registry
             .insert_new(record.clone())
             .map_err(|e| Error::io("saving container record", e))?
         {
-            return Err(Error::ContainerNameInUse(name));
+            Ok(()) => {}
+            Err(Refused::NameInUse) => return Err(Error::ContainerNameInUse(name)),
+            Err(Refused::PortInUse { port, by }) => {
+                return Err(Error::PortInUse {
+                    port: port.to_string(),
+                    by,
+                })
+            }
         }
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
         let made = async {
+            let stored = self.resolve_network(&req.network).await?;
+            let internal = stored.network.internal;
+            if internal && !req.publish.is_empty() {
+                return Err(Error::invalid(format!(
+                    "network {} is internal: nothing from outside reaches its containers, so -p cannot publish ports",
+                    stored.network.name
+                )));
+            }
             let ns = NetNs::create_named(&netns)
                 .map_err(|e| Error::io(format!("creating namespace {}", netns.display()), e))?;
             let h = ns
@@ -248,21 +318,35 @@ impl ContainerService {
             crate::netns::set_link_up(&h, "lo")
                 .await
                 .map_err(|e| Error::io("bringing lo up", std::io::Error::other(e.to_string())))?;
-            self.attach(&record, &ns, &req.network, req.ip).await
+            // The overlay carries the default route only when there is no gateway bridge.
+            let att = self.attach(&record, &ns, &stored, req.ip, internal).await?;
+            record.attachments.push(att);
+            self.registry
+                .put(record.clone())
+                .map_err(|e| Error::io("saving container record", e))?;
+            if !internal {
+                self.attach_gateway(&mut record, &ns).await?;
+            }
+            if !record.ports.is_empty() {
+                self.reconciler.sync_firewall().await?;
+            }
+            Ok(())
         }
         .await;
-        match made {
-            Ok(att) => {
-                record.attachments.push(att);
-                self.registry
-                    .put(record.clone())
-                    .map_err(|e| Error::io("saving container record", e))?;
+        if let Err(e) = made {
+            // Nothing half-made: undo whatever part was done.
+            for att in std::mem::take(&mut record.attachments) {
+                self.release(&att).await;
             }
-            Err(e) => {
-                let _ = NetNs::remove_named(&netns);
-                let _ = self.registry.remove(&id);
-                return Err(e);
+            if let Some(gw) = record.gateway_attachment.take() {
+                let _ = self.reconciler.detach_gateway(&gw).await;
             }
+            let _ = NetNs::remove_named(&netns);
+            let _ = self.registry.remove(&id);
+            if !record.ports.is_empty() {
+                let _ = self.reconciler.sync_firewall().await;
+            }
+            return Err(e);
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -350,11 +434,24 @@ impl ContainerService {
             at: model::now_rfc3339(),
         };
         let attachments = std::mem::take(&mut record.attachments);
+        let gateway = record.gateway_attachment.take();
+        let had_ports = !record.ports.is_empty();
         if let Err(e) = self.registry.put(record.clone()) {
             tracing::warn!(container = %id.short(), error = %e, "cannot save container record");
         }
         for att in &attachments {
             self.release(att).await;
+        }
+        if let Some(gw) = &gateway {
+            if let Err(e) = self.reconciler.detach_gateway(gw).await {
+                tracing::warn!(container = %id.short(), error = %e, "cannot remove the gateway interface");
+            }
+        }
+        // An exited container publishes nothing.
+        if had_ports {
+            if let Err(e) = self.reconciler.sync_firewall().await {
+                tracing::warn!(error = %e, "cannot unpublish the container's ports");
+            }
         }
         if record.auto_remove {
             self.discard(&record);
@@ -430,7 +527,8 @@ impl ContainerService {
         }
         let ns = NetNs::open(&record.netns)
             .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
-        let att = self.attach(&record, &ns, &req.network, req.ip).await?;
+        let stored = self.resolve_network(&req.network).await?;
+        let att = self.attach(&record, &ns, &stored, req.ip, false).await?;
         record.attachments.push(att.clone());
         if let Err(e) = self.registry.put(record.clone()) {
             self.release(&att).await;

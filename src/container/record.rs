@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{EndpointId, Id, Mac, NetworkId};
+use crate::model::{EndpointId, Id, Mac, NetworkId, PublishedPort};
 use crate::node::write_atomically;
 
 /// Where a container's process is in its life.
@@ -37,6 +37,22 @@ pub struct Attachment {
     pub mac: Mac,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// Whether the container's default route goes out of this interface (only when the
+    /// container has no gateway bridge interface).
+    #[serde(default)]
+    pub default_route: bool,
+}
+
+/// The container's interface on this host's gateway bridge (Docker's docker_gwbridge): its
+/// way out of the overlay, NAT'd, and where published ports arrive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayAttachment {
+    pub ifname: String,
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: Mac,
+    pub gateway: Ipv4Addr,
 }
 
 impl Attachment {
@@ -60,6 +76,17 @@ pub struct ContainerRecord {
     pub attachments: Vec<Attachment>,
     /// Remove the container (record and namespace) when its process exits (`run --rm`).
     pub auto_remove: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_attachment: Option<GatewayAttachment>,
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
+}
+
+/// Why a new record could not be stored.
+#[derive(Debug)]
+pub enum Refused {
+    NameInUse,
+    PortInUse { port: PublishedPort, by: String },
 }
 
 impl ContainerRecord {
@@ -125,17 +152,33 @@ impl Registry {
         Ok(())
     }
 
-    /// Stores a new record unless its name is taken (checked and inserted atomically).
-    /// Returns false when the name is in use.
-    pub fn insert_new(&self, record: ContainerRecord) -> std::io::Result<bool> {
+    /// Stores a new record unless its name is taken or one of its ports is already
+    /// published by a live container (checked and inserted atomically).
+    pub fn insert_new(&self, record: ContainerRecord) -> std::io::Result<Result<(), Refused>> {
         let mut records = self.lock();
         if records.values().any(|r| r.name == record.name) {
-            return Ok(false);
+            return Ok(Err(Refused::NameInUse));
+        }
+        for r in records.values() {
+            if matches!(r.state, ContainerState::Exited { .. }) {
+                continue;
+            }
+            if let Some(p) = r.ports.iter().find(|p| {
+                record
+                    .ports
+                    .iter()
+                    .any(|q| q.host_port == p.host_port && q.proto == p.proto)
+            }) {
+                return Ok(Err(Refused::PortInUse {
+                    port: *p,
+                    by: r.name.clone(),
+                }));
+            }
         }
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
         write_atomically(&self.path(&record.id), &bytes)?;
         records.insert(record.id.clone(), record);
-        Ok(true)
+        Ok(Ok(()))
     }
 
     pub fn remove(&self, id: &Id) -> std::io::Result<()> {

@@ -45,20 +45,7 @@ pub const TABLE: &str = "vxnet";
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const IFNAME_MAX: usize = 15;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
+pub use crate::model::Proto;
 
 /// A published port: `<proto> <host_port>` on any of this host's addresses is DNATed to
 /// `<container_ip>:<container_port>`.

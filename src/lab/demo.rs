@@ -184,17 +184,33 @@ async fn walk(d: &mut Demo) -> Result<(), LabError> {
         "both containers running",
     );
 
-    d.step("inside the vm2 container: eth0 on the overlay, MTU 1450, MAC from the IP");
-    let out = d.sh(
-        "vm2",
-        &["vxnet", "exec", "c2", "--", "ip", "addr", "show", "eth0"],
-    )?;
+    d.step("inside the vm2 container: eth0 on the overlay (MTU 1450), eth1 on the NAT'd gateway bridge");
+    let out = d.sh("vm2", &["vxnet", "exec", "c2", "--", "ip", "addr"])?;
     let addr = text(&out);
+    let block = |name: &str| {
+        addr.lines()
+            .skip_while(|l| !l.contains(&format!(": {name}@")))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (eth0, eth1) = (block("eth0"), block("eth1"));
     d.check(
-        addr.contains("mtu 1450")
-            && addr.contains("inet 10.0.4.")
-            && addr.contains("link/ether 02:42:0a:00:04:"),
+        eth0.contains("mtu 1450")
+            && eth0.contains("inet 10.0.4.")
+            && eth0.contains("link/ether 02:42:0a:00:04:"),
         "eth0: 10.0.4.x/24, mtu 1450, MAC 02:42:0a:00:04:xx",
+    );
+    d.check(
+        eth1.contains("mtu 1500")
+            && eth1.contains("inet 172.18.")
+            && eth1.contains("link/ether 02:42:ac:12:"),
+        "eth1: 172.18.x.x/16, mtu 1500, MAC 02:42:ac:12:xx:xx",
+    );
+    let out = d.sh("vm2", &["vxnet", "exec", "c2", "--", "ip", "route"])?;
+    d.check(
+        text(&out).contains("default via 172.18.0.1 dev eth1"),
+        "default route via eth1; the overlay subnet via eth0",
     );
 
     d.step("vm3: the overlay sandbox namespace (br0 + vxlan1 + one veth per container)");

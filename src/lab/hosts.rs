@@ -59,6 +59,14 @@ pub const DEFAULT_PRIVATE_DIRS: &[&str] = &[
     "/var/lib/docker",
     "/etc/docker",
 ];
+/// The "outside" address (a documentation network, RFC 5737) every lab host can reach.
+pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The outside network, routed on-link from every host.
+pub const OUTSIDE_NET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24) {
+    Ok(n) => n,
+    Err(_) => panic!("203.0.113.0/24 is a valid network"),
+};
+
 /// The bridge in the switch namespace.
 pub const BRIDGE: &str = "br0";
 pub const UNDERLAY_MTU: u32 = 1500;
@@ -172,6 +180,10 @@ pub struct LabState {
     pub switch_netns: PathBuf,
     pub bridge: String,
     pub hosts: Vec<HostState>,
+    /// The "outside" world: a namespace on the switch holding OUTSIDE_ADDR, reachable from
+    /// the hosts but with no route to anything behind them (so only NAT'd traffic returns).
+    #[serde(default)]
+    pub outside_netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -451,6 +463,15 @@ impl Lab {
         format!("etcd://{}:{CLIENT_PORT}", self.hosts[0].addr)
     }
 
+    /// The outside namespace (holding OUTSIDE_ADDR), for tests of traffic leaving the overlay.
+    pub fn outside(&self) -> Result<NetNs, LabError> {
+        let path =
+            self.state.outside_netns.as_ref().ok_or_else(|| {
+                LabError::InvalidOption("this lab has no outside namespace".into())
+            })?;
+        NetNs::open(path).map_err(|e| LabError::io(path, e))
+    }
+
     /// The switch's network namespace file.
     pub fn switch_netns_path(&self) -> &Path {
         &self.state.switch_netns
@@ -636,6 +657,83 @@ async fn wire(state: &LabState, switch: &NetNs, hosts: &[NetNs]) -> Result<(), L
     Ok(())
 }
 
+/// A route to `net` straight out of `dev` (on-link: the switch is one L2 segment).
+async fn on_link_route(
+    h: &rtnetlink::Handle,
+    net: Ipv4Net,
+    dev: u32,
+    who: &str,
+) -> Result<(), LabError> {
+    let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(net.network(), net.prefix_len())
+        .output_interface(dev)
+        .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        .build();
+    match h.route().add(route).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        Err(e) => Err(LabError::Netlink(format!(
+            "{who}: route {net} dev {dev}: {e}"
+        ))),
+    }
+}
+
+/// The outside namespace on the switch: OUTSIDE_ADDR/24, an on-link route to the underlay
+/// (its replies go to the hosts' own addresses only), and on each host an on-link route to
+/// the outside network.
+async fn wire_outside(
+    state: &LabState,
+    switch: &NetNs,
+    outside: &NetNs,
+    hosts: &[NetNs],
+) -> Result<(), LabError> {
+    let sw = switch
+        .netlink()
+        .map_err(|e| LabError::io(&state.switch_netns, e))?;
+    let br = link_index(&sw, BRIDGE, "switch").await?;
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name("eth0")
+        .mtu(UNDERLAY_MTU)
+        .setns_by_fd(outside.as_fd().as_raw_fd())
+        .build();
+    sw.link()
+        .add(
+            LinkVeth::new("outside", "eth0")
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .mtu(UNDERLAY_MTU)
+                .controller(br)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink_err("switch: veth outside / outside:eth0"))?;
+    let oh = outside
+        .netlink()
+        .map_err(|e| LabError::io(Path::new("netns/outside"), e))?;
+    netns::set_link_up(&oh, "lo")
+        .await
+        .map_err(netlink_err("outside: lo up"))?;
+    let eth0 = link_index(&oh, "eth0", "outside").await?;
+    oh.address()
+        .add(eth0, IpAddr::V4(OUTSIDE_ADDR), OUTSIDE_NET.prefix_len())
+        .execute()
+        .await
+        .map_err(netlink_err(format!("outside: address {OUTSIDE_ADDR}")))?;
+    oh.link()
+        .set(LinkUnspec::new_with_index(eth0).up().build())
+        .execute()
+        .await
+        .map_err(netlink_err("outside: eth0 up"))?;
+    on_link_route(&oh, state.underlay, eth0, "outside").await?;
+    for (h, ns) in state.hosts.iter().zip(hosts) {
+        let hh = ns.netlink().map_err(|e| LabError::io(&h.netns, e))?;
+        let dev = link_index(&hh, "eth0", &h.name).await?;
+        on_link_route(&hh, OUTSIDE_NET, dev, &h.name).await?;
+    }
+    Ok(())
+}
+
 fn record(role: &str, child: &Child, cmd: &Command, log: &Path) -> Result<ProcRecord, LabError> {
     let pid = child.id();
     let start_time =
@@ -708,6 +806,7 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         switch_netns: dir.join("netns").join("switch"),
         bridge: BRIDGE.to_string(),
         hosts,
+        outside_netns: Some(dir.join("netns").join("outside")),
     };
     state.save()?;
 
@@ -719,6 +818,10 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         host_ns.push(NetNs::create_named(&h.netns).map_err(|e| LabError::io(&h.netns, e))?);
     }
     wire(&state, &switch, &host_ns).await?;
+    if let Some(path) = &state.outside_netns {
+        let outside = NetNs::create_named(path).map_err(|e| LabError::io(path, e))?;
+        wire_outside(&state, &switch, &outside, &host_ns).await?;
+    }
 
     // Each host's init: its own mount and UTS namespaces.
     let mut inits = Vec::with_capacity(state.hosts.len());

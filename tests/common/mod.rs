@@ -152,3 +152,74 @@ pub fn wait_until(mut f: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+impl TestLab {
+    /// A container's network namespace, opened from outside its host (through the host's
+    /// root: the namespace file lives in the host's private /run).
+    pub fn container_ns(&self, host: &str, name: &str) -> vxnet::netns::NetNs {
+        let ps = self.vx(host, &["ps", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&ps).unwrap();
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not running on {host}"));
+        let path = format!(
+            "/proc/{}/root{}",
+            self.lab.host(host).unwrap().init_pid(),
+            c["netns"].as_str().unwrap()
+        );
+        vxnet::netns::NetNs::open(std::path::Path::new(&path)).unwrap()
+    }
+}
+
+/// Connects from inside `ns` to `to` and returns what the server sent, or the error.
+pub fn tcp_fetch(ns: &vxnet::netns::NetNs, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::Read;
+    ns.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+/// A one-connection TCP server inside `ns`, on its own thread: answers the peer's address.
+/// Returns once listening; join the handle for the peer address it saw.
+pub fn tcp_echo_peer(
+    ns: &vxnet::netns::NetNs,
+    bind: std::net::SocketAddr,
+) -> std::thread::JoinHandle<std::io::Result<std::net::SocketAddr>> {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let listener = ns
+        .run(move || std::net::TcpListener::bind(bind))
+        .unwrap_or_else(|e| panic!("cannot listen on {bind}: {e}"));
+    let _ = ns.as_fd();
+    std::thread::spawn(move || {
+        listener.set_nonblocking(false)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        listener.set_nonblocking(true)?;
+        loop {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    s.set_nonblocking(false)?;
+                    writeln!(s, "{peer}")?;
+                    return Ok(peer);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no connection",
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })
+}
