@@ -132,9 +132,9 @@ table inet vxnet {
 
 	chain output {
 		type nat hook output priority dstnat; policy accept;
-		fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
-		fib daddr type local tcp dport 8443 dnat ip to 172.18.0.3:443
-		fib daddr type local udp dport 5353 dnat ip to 172.18.0.3:53
+		ip daddr != 127.0.0.0/8 fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
+		ip daddr != 127.0.0.0/8 fib daddr type local tcp dport 8443 dnat ip to 172.18.0.3:443
+		ip daddr != 127.0.0.0/8 fib daddr type local udp dport 5353 dnat ip to 172.18.0.3:53
 	}
 
 	chain forward {
@@ -162,7 +162,10 @@ table inet vxnet {
         .collect();
     assert_eq!(
         gone,
-        vec!["\t\tfib daddr type local tcp dport 8443 dnat ip to 172.18.0.3:443"; 2],
+        vec![
+            "\t\tfib daddr type local tcp dport 8443 dnat ip to 172.18.0.3:443",
+            "\t\tip daddr != 127.0.0.0/8 fib daddr type local tcp dport 8443 dnat ip to 172.18.0.3:443",
+        ],
         "{now}"
     );
     assert_eq!(now.lines().count(), expected.lines().count() - 2);

@@ -86,8 +86,11 @@ impl Firewall for Nftables {
             chain.set_policy(Policy::Accept);
             let label = chain_name.to_string_lossy();
             b.add(&chain, MsgType::Add, format!("add chain {label} (nat)"));
+            // The host's own connections to 127.0.0.0/8 stay local: DNAT'd to a container they
+            // would be dropped as martians (Docker excludes loopback the same way).
+            let from_host = hook == Hook::Out;
             for p in &ports {
-                let r = dnat_rule(&chain, p);
+                let r = dnat_rule(&chain, p, from_host);
                 b.add(&r, MsgType::Add, format!("add rule {p} in chain {label}"));
             }
         }
@@ -143,9 +146,17 @@ fn match_ipv4(r: &mut Rule<'_>) {
     r.add_expr(&Cmp::new(CmpOp::Eq, libc::NFPROTO_IPV4 as u8));
 }
 
-/// `fib daddr type local <proto> dport <host_port> dnat ip to <ip>:<port>`.
-fn dnat_rule<'a>(chain: &'a Chain<'_>, p: &PortMapping) -> Rule<'a> {
+/// `[ip daddr != 127.0.0.0/8] fib daddr type local <proto> dport <host_port> dnat ip to <ip>:<port>`.
+fn dnat_rule<'a>(chain: &'a Chain<'_>, p: &PortMapping, skip_loopback: bool) -> Rule<'a> {
     let mut r = Rule::new(chain);
+    if skip_loopback {
+        match_ipv4(&mut r);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Daddr,
+        )));
+        r.add_expr(&Bitwise::new(&[255u8, 0, 0, 0][..], &[0u8; 4][..]));
+        r.add_expr(&Cmp::new(CmpOp::Neq, &[127u8, 0, 0, 0][..]));
+    }
     r.add_expr(&FibDaddrType);
     r.add_expr(&Cmp::new(CmpOp::Eq, RTN_LOCAL));
     let (l4, dport) = match p.proto {
