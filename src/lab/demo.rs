@@ -259,6 +259,25 @@ async fn walk(d: &mut Demo) -> Result<(), LabError> {
         }
         None => d.check(false, "c3's address shown by `vxnet ps` on vm3"),
     }
+    let out = d.sh(
+        "vm2",
+        &[
+            "vxnet",
+            "exec",
+            "c2",
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "203.0.113.1",
+        ],
+    )?;
+    d.check(
+        out.status.success(),
+        "c2 reaches the outside (203.0.113.1) through eth1 and NAT",
+    );
 
     d.step("clean up: containers stopped, network removed");
     let a = d.sh("vm2", &["vxnet", "rm", "-f", "c2"])?;
