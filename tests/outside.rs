@@ -20,9 +20,29 @@ fn root_ruleset() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn root_state() -> (String, String, String) {
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        // Other tests running in parallel create and remove their own veths in namespaces;
+        // only names matter here (a root-namespace link of ours would show up by name).
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .filter(|n| n.starts_with("vxnet") || n.starts_with("gw") || n.starts_with("veth"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (
+        root_ruleset(),
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        links,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_traffic_is_masqueraded_to_the_hosts_underlay_address() {
-    let root_before = root_ruleset();
+    let root_before = root_state();
     let lab = TestLab::up(3).await;
     lab.network("web", "10.0.4.0/24");
     lab.container("vm2", "client", "web");
@@ -57,8 +77,9 @@ async fn outbound_traffic_is_masqueraded_to_the_hosts_underlay_address() {
     );
     assert!(answer.starts_with("192.0.2.6:"), "{answer}");
 
-    // Everything happened inside the lab: the machine's own ruleset is as it was.
-    assert_eq!(root_ruleset(), root_before);
+    // Everything happened inside the lab: the machine's own ruleset, forwarding switch and
+    // links are as they were.
+    assert_eq!(root_state(), root_before);
     assert!(nft_ruleset(&lab, "vm2").contains("table inet vxnet"));
 }
 
@@ -245,4 +266,20 @@ async fn the_nftables_table_is_removed_on_clean_shutdown_and_not_duplicated_on_r
     .unwrap();
     restarted.wait().unwrap();
     assert!(!nft_ruleset(&lab, "vm2").contains("vxnet"));
+
+    // Left behind by a daemon killed with -9, the table goes when asked (no daemon needed).
+    let mut again = host.command(&daemon.argv[0]).unwrap();
+    again
+        .args(&daemon.argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut again = again.spawn().unwrap();
+    wait_until(|| nft_ruleset(&lab, "vm2").contains("dport 9000"));
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert!(nft_ruleset(&lab, "vm2").contains("table inet vxnet"));
+    let out = lab.vx("vm2", &["firewall", "remove"]);
+    assert!(out.contains("removed"), "{out}");
+    assert!(!nft_ruleset(&lab, "vm2").contains("vxnet"));
+    lab.vx("vm2", &["firewall", "remove"]);
 }

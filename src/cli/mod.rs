@@ -30,6 +30,14 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum FirewallCommand {
+    /// Remove vxnet's `inet vxnet` table from this network namespace now (for instance after
+    /// a daemon was killed, or before uninstalling). Works without a daemon; a running daemon
+    /// puts the table back with its next change.
+    Remove,
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the per-host agent (the counterpart of `dockerd --cluster-store …`).
     Daemon(daemon::DaemonArgs),
@@ -61,6 +69,9 @@ enum Command {
     /// Re-read the kernel and fix whatever differs from the desired state.
     #[command(hide = true)]
     Reconcile,
+    /// vxnet's nftables table on this host.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
     /// Internal: the first program of a `vxnet run` container. Waits until `run` has
     /// registered this PID with the daemon, then becomes the user's command.
     #[command(hide = true)]
@@ -123,6 +134,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             container::rm(&client(&cli.host)?, force, &containers).await
         }
         Command::ContainerInit(_) => Ok(ExitCode::FAILURE),
+        Command::Firewall(FirewallCommand::Remove) => {
+            use crate::firewall::Firewall;
+            tokio::task::spawn_blocking(|| crate::firewall::Nftables.remove()).await??;
+            println!("table inet {} removed", crate::firewall::TABLE);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reconcile => {
             let report = client(&cli.host)?.reconcile().await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
