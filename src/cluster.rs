@@ -242,6 +242,10 @@ impl Cluster {
         }
     }
 
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }

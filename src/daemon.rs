@@ -155,6 +155,7 @@ pub async fn run(
         view.clone(),
         containers.clone(),
         reconciler.clone(),
+        node.started.clone(),
     ));
     let firewall_owner = reconciler.clone();
     let app = router(Arc::new(ApiState {
@@ -190,9 +191,10 @@ async fn start_up_resync(
     view: crate::view::SharedView,
     containers: Arc<ContainerService>,
     reconciler: Arc<Reconciler>,
+    started: String,
 ) {
     while !view.wait_for(1, Duration::from_secs(3600)).await {}
-    containers.recover().await;
+    containers.recover(&started).await;
     let mut pause = Duration::from_millis(100);
     loop {
         match reconciler.resync().await {

@@ -565,7 +565,12 @@ impl ContainerService {
 
     /// After a daemon restart: re-watch containers whose process still runs (same PID and
     /// start time), clean up those whose process is gone or never started.
-    pub async fn recover(self: &Arc<Self>) {
+    ///
+    /// Then releases this node's endpoints that no container here owns and that predate
+    /// `started` (this daemon's start): what a crash between claiming an address and
+    /// recording it leaves behind. (Endpoints made through the raw endpoint API have no local
+    /// owner either, so they too are released when their daemon restarts.)
+    pub async fn recover(self: &Arc<Self>, started: &str) {
         for record in self.registry.list() {
             match record.state {
                 ContainerState::Running { pid, start_time } => {
@@ -577,6 +582,33 @@ impl ContainerService {
                 }
                 ContainerState::Created => self.finish(&record.id).await,
                 ContainerState::Exited { .. } => {}
+            }
+        }
+        let owned: std::collections::HashSet<model::EndpointId> = self
+            .registry
+            .list()
+            .iter()
+            .flat_map(|r| r.attachments.iter().map(|a| a.endpoint_id.clone()))
+            .collect();
+        let me = self.cluster.node_id().clone();
+        let orphans: Vec<(model::NetworkId, model::EndpointId)> = self.view.with(|v| {
+            v.endpoints
+                .values()
+                .flat_map(|eps| eps.values())
+                // RFC 3339 UTC strings of one format compare in time order.
+                .filter(|e| e.node_id == me && e.created.as_str() < started)
+                .filter(|e| !owned.contains(&e.id))
+                .map(|e| (e.network_id.clone(), e.id.clone()))
+                .collect()
+        });
+        for (net, ep) in orphans {
+            match self.cluster.delete_endpoint(&net, &ep).await {
+                Ok(w) => tracing::info!(endpoint = %ep.short(), ip = %w.value.ip,
+                    "released an address no container here owns (left by a crash)"),
+                Err(Error::EndpointNotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.short(), error = %e, "cannot release orphaned endpoint")
+                }
             }
         }
     }

