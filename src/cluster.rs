@@ -79,6 +79,19 @@ pub struct Written<T> {
     pub revision: i64,
 }
 
+/// What reclaiming a local endpoint found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reclaim {
+    /// Written again under the current lease.
+    Claimed,
+    /// Already held under the current lease: nothing to do.
+    AlreadyHeld,
+    /// Another endpoint (this ID) holds the address now.
+    TakenBy(String),
+    /// The network was removed meanwhile.
+    NetworkGone,
+}
+
 /// Where this node's lease comes from; endpoints are written with it.
 pub trait LeaseSource: Send + Sync {
     fn current_lease(&self) -> Option<LeaseId>;
@@ -584,6 +597,68 @@ impl Cluster {
             }
         }
         Ok(KnownAddresses { taken, cursor })
+    }
+
+    /// Claims an existing local endpoint's address again under this node's current lease
+    /// (after the old lease expired, or to move it to the new one). Never takes an address
+    /// another endpoint holds: that is reported, not overwritten.
+    pub async fn reclaim_endpoint(
+        &self,
+        network: &StoredNetwork,
+        endpoint: &Endpoint,
+    ) -> Result<Reclaim, Error> {
+        let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
+        let net_key = self.keys.network(&network.network.id);
+        let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
+        let ep_key = self.keys.endpoint(&network.network.id, &endpoint.id);
+        let puts = || {
+            vec![
+                Op::put_leased(addr_key.clone(), endpoint.id.as_str(), lease),
+                Op::put_leased(ep_key.clone(), to_json(endpoint), lease),
+            ]
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let outcome = self
+                .store
+                .txn(
+                    vec![
+                        Compare::CreateRevision(net_key.clone(), network.create_revision),
+                        Compare::Absent(addr_key.clone()),
+                    ],
+                    puts(),
+                    vec![Op::Get(net_key.clone()), Op::Get(addr_key.clone())],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(Reclaim::Claimed);
+            }
+            let (net, addr) = (outcome.gets.first(), outcome.gets.get(1));
+            if !matches!(net, Some(Some(kv)) if kv.create_revision == network.create_revision) {
+                return Ok(Reclaim::NetworkGone);
+            }
+            let Some(Some(addr)) = addr else { continue };
+            if addr.value != endpoint.id.as_str().as_bytes() {
+                return Ok(Reclaim::TakenBy(
+                    String::from_utf8_lossy(&addr.value).into_owned(),
+                ));
+            }
+            if addr.lease == lease {
+                return Ok(Reclaim::AlreadyHeld);
+            }
+            // Still ours, under an older lease: move it to the current one.
+            let moved = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(addr_key.clone(), addr.mod_revision)],
+                    puts(),
+                    vec![],
+                )
+                .await?;
+            if moved.succeeded {
+                return Ok(Reclaim::Claimed);
+            }
+        }
+        Err(Error::Contention(format!("reclaiming {}", endpoint.ip)))
     }
 
     /// Deletes an endpoint and releases its address, atomically.

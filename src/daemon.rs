@@ -156,6 +156,7 @@ pub async fn run(
         containers.clone(),
         reconciler.clone(),
         node.started.clone(),
+        membership.clone(),
     ));
     let firewall_owner = reconciler.clone();
     let app = router(Arc::new(ApiState {
@@ -192,9 +193,24 @@ async fn start_up_resync(
     containers: Arc<ContainerService>,
     reconciler: Arc<Reconciler>,
     started: String,
+    membership: Arc<crate::node::Membership>,
 ) {
     while !view.wait_for(1, Duration::from_secs(3600)).await {}
     containers.recover(&started).await;
+    // From now on, every new lease (the first, and any after an expiry) re-claims this host's
+    // endpoints under it.
+    let mut leases = membership.leases();
+    let reclaimer = containers.clone();
+    tokio::spawn(async move {
+        loop {
+            if leases.borrow_and_update().is_some() {
+                reclaimer.reclaim_all().await;
+            }
+            if leases.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     let mut pause = Duration::from_millis(100);
     loop {
         match reconciler.resync().await {

@@ -58,6 +58,9 @@ pub struct Membership {
     registered: watch::Sender<bool>,
     /// The store revision at which this node's key was last written (0: never).
     registered_at: std::sync::atomic::AtomicI64,
+    /// The lease after each (re-)registration: a new value means this node's endpoints may
+    /// be gone from the store (the old lease expired) and must be claimed again.
+    leases: watch::Sender<Option<LeaseId>>,
 }
 
 impl LeaseSource for Membership {
@@ -82,11 +85,20 @@ impl Membership {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Changes whenever the node registers with a lease (the first time, and again after
+    /// its lease expired).
+    pub fn leases(&self) -> watch::Receiver<Option<LeaseId>> {
+        self.leases.subscribe()
+    }
+
     fn set(&self, lease: Option<LeaseId>) {
         if let Ok(mut l) = self.lease.write() {
             *l = lease;
         }
         self.registered.send_replace(lease.is_some());
+        if lease.is_some() {
+            self.leases.send_replace(lease);
+        }
     }
 }
 
@@ -103,6 +115,7 @@ pub fn spawn_membership(
         lease: RwLock::new(None),
         registered,
         registered_at: std::sync::atomic::AtomicI64::new(0),
+        leases: watch::channel(None).0,
     });
     tokio::spawn(keep_membership(
         store,

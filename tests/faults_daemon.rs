@@ -149,3 +149,73 @@ async fn a_crash_between_claim_and_record_leaves_no_leaked_address() {
     kill(Pid::from_raw(again.id() as i32), Signal::SIGTERM).unwrap();
     again.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_back_after_its_lease_expired_reclaims_its_addresses_or_reports_a_conflict() {
+    let lab = TestLab::up(3).await;
+    lab.network("away", "10.0.6.0/24");
+    lab.container("vm2", "c2", "away");
+    let lost_ip = lab.container("vm3", "lost", "away");
+    let kept_ip = lab.container("vm3", "kept", "away");
+    wait_until(|| lab.pings("vm2", "c2", &kept_ip));
+
+    // vm3's daemon dies and its lease expires (revoked here rather than waited out).
+    let vm3 = daemon_record(&lab, "vm3");
+    kill(Pid::from_raw(vm3.pid as i32), Signal::SIGKILL).unwrap();
+    wait_gone(vm3.pid);
+    let lease = String::from_utf8_lossy(&lab.sh("vm3", &["cat", "/var/lib/vxnet/lease"]).stdout)
+        .trim()
+        .to_string();
+    let store = lab.lab.cluster_store().replace("etcd://", "http://");
+    let revoke = lab.sh(
+        "vm1",
+        &["etcdctl", "--endpoints", &store, "lease", "revoke", &lease],
+    );
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let inspect = || lab.vx("vm2", &["network", "inspect", "away"]);
+    wait_until(|| !inspect().contains(&kept_ip) && !inspect().contains(&lost_ip));
+
+    // Meanwhile a container on vm2 takes one of vm3's addresses.
+    lab.vx(
+        "vm2",
+        &[
+            "run", "-d", "--name", "thief", "--ip", &lost_ip, "--net", "away", "--", "sleep",
+            "3600",
+        ],
+    );
+
+    // vm3 comes back: the free address is claimed again, the taken one is reported.
+    let started = Instant::now();
+    let mut again = restart_daemon(&lab, "vm3");
+    wait_until(|| inspect().contains(&kept_ip));
+    println!(
+        "FAULT|host back after its lease expired|address re-claimed; a taken one reported as conflict|{:?}",
+        started.elapsed()
+    );
+    wait_until(|| lab.vx("vm3", &["ps"]).contains("CONFLICT"));
+    let ps = lab.vx("vm3", &["ps"]);
+    let lost_line = ps.lines().find(|l| l.contains(" lost ")).unwrap();
+    assert!(
+        lost_line.contains(&format!("address {lost_ip} on network away was taken")),
+        "{ps}"
+    );
+    // Never two owners: the address is listed once (the thief), and `lost` lost its eth0.
+    assert_eq!(
+        inspect().matches(&format!("\"{lost_ip}\"")).count(),
+        1,
+        "{}",
+        inspect()
+    );
+    let links = lab.vx("vm3", &["exec", "lost", "--", "ip", "-o", "link"]);
+    assert!(!links.contains("eth0"), "{links}");
+    assert!(
+        lab.pings("vm2", "c2", &kept_ip),
+        "the re-claimed container is reachable again"
+    );
+    kill(Pid::from_raw(again.id() as i32), Signal::SIGTERM).unwrap();
+    again.wait().unwrap();
+}

@@ -351,10 +351,15 @@ pub async fn exec(client: &Client, args: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn status_text(r: &ContainerRecord) -> String {
-    match &r.state {
+    let status = match &r.state {
         ContainerState::Created => "Created".into(),
         ContainerState::Running { pid, .. } => format!("Up (pid {pid})"),
         ContainerState::Exited { at } => format!("Exited {at}"),
+    };
+    if r.conflicts.is_empty() {
+        status
+    } else {
+        format!("{status} CONFLICT: {}", r.conflicts.join("; "))
     }
 }
 

@@ -283,6 +283,7 @@ impl ContainerService {
             auto_remove: req.auto_remove,
             gateway_attachment: None,
             ports: vec![],
+            conflicts: vec![],
         };
         record.ports = req.publish.clone();
         match self
@@ -561,6 +562,71 @@ impl ContainerService {
             .map_err(|e| Error::io("saving container record", e))?;
         self.release(&att).await;
         Ok(record)
+    }
+
+    /// Claims every live local endpoint again under the node's current lease: after the
+    /// node's lease expired (a host back from a long absence, or cut off from etcd for longer
+    /// than the TTL), etcd has dropped its endpoints and addresses. An address that another
+    /// host took meanwhile is not fought over: that interface is removed from the container
+    /// and the container is marked in conflict.
+    pub async fn reclaim_all(&self) {
+        let me = self.cluster.node_id().clone();
+        for record in self.registry.list() {
+            if matches!(record.state, ContainerState::Exited { .. }) {
+                continue;
+            }
+            for att in &record.attachments {
+                let endpoint = crate::model::Endpoint {
+                    id: att.endpoint_id.clone(),
+                    network_id: att.network_id.clone(),
+                    name: record.name.clone(),
+                    node_id: me.clone(),
+                    ip: att.ip,
+                    mac: att.mac,
+                    created: record.created.clone(),
+                };
+                let outcome = match self.resolve_network(att.network_id.as_str()).await {
+                    Ok(stored) => self.cluster.reclaim_endpoint(&stored, &endpoint).await,
+                    Err(Error::NetworkNotFound(_)) => Ok(cluster::Reclaim::NetworkGone),
+                    Err(e) => Err(e),
+                };
+                let lost = match outcome {
+                    Ok(cluster::Reclaim::Claimed) => {
+                        tracing::info!(container = %record.name, ip = %att.ip, "address claimed again");
+                        continue;
+                    }
+                    Ok(cluster::Reclaim::AlreadyHeld) => continue,
+                    Ok(cluster::Reclaim::TakenBy(other)) => format!(
+                        "address {} on network {} was taken by endpoint {} while this host was away; {} was removed",
+                        att.ip,
+                        att.network_name,
+                        &other[..other.len().min(12)],
+                        att.ifname
+                    ),
+                    Ok(cluster::Reclaim::NetworkGone) => format!(
+                        "network {} was removed while this host was away; {} was removed",
+                        att.network_name, att.ifname
+                    ),
+                    Err(e) => {
+                        tracing::warn!(container = %record.name, error = %e, "cannot claim the address again; will retry");
+                        continue;
+                    }
+                };
+                tracing::warn!(container = %record.name, "{lost}");
+                if let Err(e) = self.reconciler.detach(att).await {
+                    tracing::warn!(container = %record.name, error = %e, "cannot remove the lost interface");
+                }
+                let lock = self.lock_for(&record.id);
+                let _guard = lock.lock().await;
+                if let Some(mut now) = self.registry.get(&record.id) {
+                    now.attachments.retain(|a| a.endpoint_id != att.endpoint_id);
+                    now.conflicts.push(lost);
+                    if let Err(e) = self.registry.put(now) {
+                        tracing::warn!(container = %record.name, error = %e, "cannot save container record");
+                    }
+                }
+            }
+        }
     }
 
     /// After a daemon restart: re-watch containers whose process still runs (same PID and

@@ -80,6 +80,10 @@ pub struct ContainerRecord {
     pub gateway_attachment: Option<GatewayAttachment>,
     #[serde(default)]
     pub ports: Vec<PublishedPort>,
+    /// Attachments this host lost while it was away (its lease expired and another host
+    /// took the address): the interface was removed, so no address ever has two owners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
 }
 
 /// Why a new record could not be stored.
