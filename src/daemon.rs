@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     pub etcd_user: Option<(String, String)>,
     /// The gateway bridge's subnet (eth1 of every non-internal container).
     pub gateway_subnet: ipnet::Ipv4Net,
+    /// The group that may use the API socket besides root (mode 0660, owner root).
+    pub socket_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub enum DaemonError {
     SocketInUse(PathBuf),
     #[error("invalid --cluster-advertise {0:?}: use IP or IP:PORT (an address of this host)")]
     InvalidAdvertise(String),
+    #[error("group {0:?} does not exist: create it or drop --socket-group")]
+    UnknownGroup(String),
     #[error("--lease-ttl must be between 2 s and 3600 s, not {0:?}")]
     InvalidTtl(Duration),
 }
@@ -108,7 +112,7 @@ pub async fn run(
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
 
-    let listener = bind_socket(&config.socket).await?;
+    let listener = bind_socket(&config.socket, config.socket_group.as_deref()).await?;
     let membership = spawn_membership(
         store.clone(),
         keys.clone(),
@@ -229,7 +233,18 @@ async fn start_up_resync(
 
 /// Binds the API socket, root-only (0660). A stale socket file from a crashed daemon is
 /// replaced; a live one is an error.
-async fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+async fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, DaemonError> {
+    // Resolve the group first: a typo must stop the daemon before it takes the socket.
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| DaemonError::UnknownGroup(name.to_string()))?
+                .gid,
+        ),
+        None => None,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
@@ -241,5 +256,13 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     }
     let listener = UnixListener::bind(path).map_err(io_err(path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(path))?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(gid)).map_err(|e| {
+            DaemonError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::from_raw_os_error(e as i32),
+            }
+        })?;
+    }
     Ok(listener)
 }

@@ -190,4 +190,69 @@ fn daemon_refuses_bad_flags_before_starting() {
         "{}",
         text(&out.stderr)
     );
+    let out = Command::new(common::binary())
+        .args([
+            "daemon",
+            "--cluster-store",
+            "etcd://127.0.0.1:1",
+            "--cluster-advertise",
+            "192.0.2.6",
+        ])
+        .args(["--socket-group", "no-such-group-vxnet"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("group \"no-such-group-vxnet\" does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("s.sock").exists(),
+        "a refused daemon took the socket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_socket_is_root_only_or_shared_with_the_group_given() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let c = common::cluster(1).await;
+    let meta = std::fs::metadata(&c.daemons[0].socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.uid(), 0);
+
+    // A daemon with --socket-group: the socket's group is that group's (Debian's `daemon`).
+    // This daemon never reaches its store; it only has to bind its socket.
+    let Some(group) = nix::unistd::Group::from_name("daemon").ok().flatten() else {
+        panic!("group `daemon` missing on this machine");
+    };
+    let dir = vxnet::lab::process::ScratchDir::new("vxnet-sock-test").unwrap();
+    let socket = dir.path().join("g.sock");
+    let mut cmd = Command::new(common::binary());
+    cmd.args([
+        "daemon",
+        "--cluster-store",
+        "etcd://127.0.0.1:1",
+        "--cluster-advertise",
+        "192.0.2.6",
+    ])
+    .args(["--socket-group", "daemon"])
+    .arg("--state-dir")
+    .arg(dir.path().join("state"))
+    .arg("--run-dir")
+    .arg(dir.path().join("run"))
+    .arg("--socket")
+    .arg(&socket);
+    // Inside the test cluster's private namespace, like every daemon of the tests.
+    c.ns.command(&mut cmd).unwrap();
+    let log = dir.path().join("d.log");
+    let guard = vxnet::lab::process::ChildGuard::spawn("grouped", cmd, &log, true).unwrap();
+    common::wait_until(|| socket.exists());
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    drop(guard);
 }

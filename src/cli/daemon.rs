@@ -43,6 +43,9 @@ pub struct DaemonArgs {
     /// collide with your networks.
     #[arg(long, default_value = crate::reconcile::GatewayConfig::DEFAULT_SUBNET)]
     gateway_bridge_subnet: ipnet::Ipv4Net,
+    /// Let this group use the API socket too (it is root-only, mode 0660, otherwise).
+    #[arg(long)]
+    socket_group: Option<String>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -82,6 +85,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         lease_ttl: Duration::from_secs(args.lease_ttl),
         etcd_user,
         gateway_subnet: args.gateway_bridge_subnet,
+        socket_group: args.socket_group,
     };
     crate::daemon::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
