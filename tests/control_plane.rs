@@ -549,3 +549,51 @@ async fn a_dead_hosts_endpoints_and_addresses_go_when_its_lease_expires() {
         "the dead host's address was released: {addrs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_rm_racing_an_attach_never_deletes_a_network_with_an_endpoint() {
+    let c = common::cluster(2).await;
+    let mut rm_won = 0;
+    let mut attach_won = 0;
+    for round in 0..20 {
+        let name = format!("race{round}");
+        let created = c
+            .client(0)
+            .network_create(&net(&name, &format!("10.4.{round}.0/24")))
+            .await
+            .unwrap();
+        wait_listed(&c.client(1), &name).await;
+        let (a, b) = (c.client(0), c.client(1));
+        let (n1, n2) = (name.clone(), name.clone());
+        let rm = tokio::spawn(async move { a.network_rm(&n1).await });
+        let attach = tokio::spawn(async move { b.endpoint_create(&n2, &ep("racer")).await });
+        let (rm, attach) = (rm.await.unwrap(), attach.await.unwrap());
+        let keys = c.store_keys().unwrap();
+        let of_network: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.contains(created.id.as_str()))
+            .collect();
+        match (rm.is_ok(), attach.is_ok()) {
+            (true, false) => {
+                rm_won += 1;
+                assert!(
+                    of_network.is_empty(),
+                    "network removed but keys left: {of_network:?}"
+                );
+            }
+            (false, true) => {
+                attach_won += 1;
+                let err = rm.unwrap_err();
+                assert!(err.to_string().contains("active endpoint"), "{err}");
+                assert!(
+                    of_network.iter().any(|k| k.contains("/endpoints/")),
+                    "{of_network:?}"
+                );
+            }
+            other => {
+                panic!("exactly one of rm and attach must win, got {other:?}: {rm:?} {attach:?}")
+            }
+        }
+    }
+    eprintln!("rm won {rm_won}, attach won {attach_won} of 20 races");
+}
