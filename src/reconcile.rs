@@ -103,6 +103,9 @@ pub struct Reconciler {
     gateway: GatewayConfig,
     /// The gateway bridge's index once it exists (made with the first container that needs it).
     gateway_bridge: Mutex<Option<u32>>,
+    /// Gateway interfaces made by `attach_gateway` and not yet removed (a container's record
+    /// may not list its interface yet while its `run` is finishing).
+    gateway_endpoints: std::sync::Mutex<HashSet<String>>,
     firewall: Arc<dyn Firewall>,
 }
 
@@ -125,6 +128,7 @@ impl Reconciler {
             underlay: Mutex::new(None),
             gateway: local.gateway,
             gateway_bridge: Mutex::new(None),
+            gateway_endpoints: std::sync::Mutex::new(HashSet::new()),
             firewall,
         }
     }
@@ -164,6 +168,9 @@ impl Reconciler {
         gw: &GatewayAttachment,
     ) -> Result<(), Error> {
         let bridge = self.ensure_gateway_bridge().await?;
+        if let Ok(mut made) = self.gateway_endpoints.lock() {
+            made.insert(gw.host_ifname.clone());
+        }
         dataplane::ensure_gateway_endpoint(&self.host, bridge, container, &Self::gateway_spec(gw)?)
             .await?;
         Ok(())
@@ -171,6 +178,9 @@ impl Reconciler {
 
     pub async fn detach_gateway(&self, gw: &GatewayAttachment) -> Result<(), Error> {
         dataplane::remove_gateway_endpoint(&self.host, &gw.host_ifname).await?;
+        if let Ok(mut made) = self.gateway_endpoints.lock() {
+            made.remove(&gw.host_ifname);
+        }
         Ok(())
     }
 
@@ -457,7 +467,12 @@ impl Reconciler {
             let spec = self.sandbox_spec(net).await?;
             let sandbox = dataplane::ensure_sandbox(&self.host, &self.run_dir, &spec).await?;
             report.sandboxes += 1;
-            let mut ours = HashSet::new();
+            // Ours: what the records say, plus what attach has made and its container has not
+            // recorded yet (attach finished, the record is being written).
+            let mut ours: HashSet<String> = state
+                .get(net_id)
+                .map(|p| p.endpoints.iter().cloned().collect())
+                .unwrap_or_default();
             for (netns, att) in attachments {
                 ours.insert(att.host_ifname());
                 match NetNs::open(netns) {
@@ -502,8 +517,27 @@ impl Reconciler {
             .filter(|r| !matches!(r.state, ContainerState::Exited { .. }))
             .filter(|r| r.gateway_attachment.is_some())
             .collect();
-        if !live.is_empty() {
-            let bridge = self.ensure_gateway_bridge().await?;
+        let bridge = match live.is_empty() {
+            false => Some(self.ensure_gateway_bridge().await?),
+            // No container needs the bridge; if it exists from before, still sweep it.
+            true => *self.gateway_bridge.lock().await,
+        };
+        if let Some(bridge) = bridge {
+            let mut ours: HashSet<String> = live
+                .iter()
+                .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.host_ifname.clone()))
+                .collect();
+            if let Ok(made) = self.gateway_endpoints.lock() {
+                ours.extend(made.iter().cloned());
+            }
+            for link in dataplane::list_gateway_endpoints(&self.host, bridge).await? {
+                if !ours.contains(&link) {
+                    dataplane::remove_gateway_endpoint(&self.host, &link).await?;
+                    report.stray_links_removed += 1;
+                }
+            }
+        }
+        if let Some(bridge) = bridge {
             for r in &live {
                 let Some(gw) = &r.gateway_attachment else {
                     continue;

@@ -48,14 +48,36 @@ fn daemon_record(lab: &TestLab, host: &str) -> vxnet::lab::sys::ProcRecord {
         .clone()
 }
 
-/// Starts a daemon on `host` again with the command line `lab up` used.
+/// Starts a daemon on `host` again with the command line `lab up` used, logging next to the
+/// lab's own logs (`<lab dir>/logs/<host>-restarted.log`).
 fn restart_daemon(lab: &TestLab, host: &str) -> Child {
     let rec = daemon_record(lab, host);
+    let log = lab
+        .lab
+        .dir()
+        .join("logs")
+        .join(format!("{host}-restarted.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
     let mut cmd: Command = lab.lab.host(host).unwrap().command(&rec.argv[0]).unwrap();
     cmd.args(&rec.argv[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
     cmd.spawn().unwrap()
+}
+
+/// What a restarted daemon logged, for failure messages.
+fn restarted_log(lab: &TestLab, host: &str) -> String {
+    std::fs::read_to_string(
+        lab.lab
+            .dir()
+            .join("logs")
+            .join(format!("{host}-restarted.log")),
+    )
+    .unwrap_or_default()
 }
 
 fn wait_gone(pid: u32) {
@@ -133,10 +155,19 @@ async fn a_crash_between_claim_and_record_leaves_no_leaked_address() {
     wait_gone(vm3.pid);
     let started = Instant::now();
     let mut again = restart_daemon(&lab, "vm3");
-    wait_until(|| {
+    let gone = || {
         !lab.vx("vm2", &["network", "inspect", "leak"])
             .contains(&orphan.ip.to_string())
-    });
+    };
+    while !gone() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "orphan {} still there; restarted vm3 daemon logged:\n{}",
+            orphan.ip,
+            restarted_log(&lab, "vm3")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     println!(
         "FAULT|daemon killed between address claim and record|orphaned endpoint released by the restarted daemon|{:?}",
         started.elapsed()

@@ -454,6 +454,10 @@ impl ContainerService {
                 tracing::warn!(error = %e, "cannot unpublish the container's ports");
             }
         }
+        // The namespace has no use without its process (nothing can be exec'd into it).
+        if let Err(e) = NetNs::remove_named(&record.netns) {
+            tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
+        }
         if record.auto_remove {
             self.discard(&record);
         }

@@ -332,10 +332,19 @@ pub async fn remove_endpoint(sandbox: &Sandbox, host_ifname: &str) -> Result<(),
 /// The names of the veths enslaved to the sandbox's `br0` (sorted): the local endpoints.
 pub async fn list_endpoint_links(sandbox: &Sandbox) -> Result<Vec<String>, DataplaneError> {
     let label = format!("sandbox {}", sandbox.name());
-    let mut names: Vec<String> = links::all_links(sandbox.handle(), &label)
+    veth_ports(sandbox.handle(), sandbox.bridge_index(), &label).await
+}
+
+/// The names of the veths enslaved to bridge `bridge` (sorted).
+pub(crate) async fn veth_ports(
+    h: &Handle,
+    bridge: u32,
+    label: &str,
+) -> Result<Vec<String>, DataplaneError> {
+    let mut names: Vec<String> = links::all_links(h, label)
         .await?
         .iter()
-        .filter(|l| is_veth(l) && links::master(l) == Some(sandbox.bridge_index()))
+        .filter(|l| is_veth(l) && links::master(l) == Some(bridge))
         .filter_map(|l| links::name(l).map(str::to_string))
         .collect();
     names.sort();

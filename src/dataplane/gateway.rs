@@ -236,6 +236,14 @@ pub async fn remove_gateway_endpoint(
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
+/// The host-side names of the containers' interfaces on the gateway bridge (sorted).
+pub async fn list_gateway_endpoints(
+    host: &Handle,
+    bridge_index: u32,
+) -> Result<Vec<String>, DataplaneError> {
+    super::endpoint::veth_ports(host, bridge_index, "the host namespace").await
+}
+
 /// Turns on IPv4 forwarding in the network namespace of the CALLING THREAD: /proc/sys/net
 /// resolves to the opener's namespace, so a thread that `setns`'d elsewhere changes that
 /// namespace, not the process's. The daemon calls it from its own (host) namespace. Returns

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 pub use endpoint::{ensure_endpoint, list_endpoint_links, remove_endpoint, EndpointSpec};
 pub use gateway::{
-    enable_ipv4_forwarding, ensure_gateway_bridge, ensure_gateway_endpoint, remove_gateway_bridge,
-    remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
+    enable_ipv4_forwarding, ensure_gateway_bridge, ensure_gateway_endpoint, list_gateway_endpoints,
+    remove_gateway_bridge, remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
 };
 pub use links::{find_underlay, Underlay};
 pub use peers::{add_peers, list_peers, remove_peers, Peer};
