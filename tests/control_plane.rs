@@ -438,6 +438,55 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             StatusCode::NOT_FOUND,
             "no such API route",
         ),
+        (
+            "container: malformed JSON",
+            Method::POST,
+            "/v1/containers",
+            b"[1,2".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid request body",
+        ),
+        (
+            "container: unknown field",
+            Method::POST,
+            "/v1/containers",
+            br#"{"network":"taken","privileged":true}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "unknown field `privileged`",
+        ),
+        (
+            "container: bad port mapping",
+            Method::POST,
+            "/v1/containers",
+            br#"{"network":"taken","publish":[{"host_port":70000,"container_port":80,"proto":"tcp"}]}"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid request body",
+        ),
+        (
+            "container: unknown network",
+            Method::POST,
+            "/v1/containers",
+            br#"{"network":"nope"}"#.to_vec(),
+            StatusCode::NOT_FOUND,
+            "network nope not found",
+        ),
+        (
+            "container: start of an unknown container",
+            Method::POST,
+            "/v1/containers/ghost/start",
+            br#"{"pid":1}"#.to_vec(),
+            StatusCode::NOT_FOUND,
+            "no such container: ghost",
+        ),
+        (
+            "container: odd characters in a name",
+            Method::POST,
+            "/v1/containers",
+            br#"{"network":"taken","name":"a b;c"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid container name",
+        ),
     ];
     for (what, method, path, body, status, message) in raw {
         let (got, bytes) = d.raw(method, path, Some(body)).await.unwrap();

@@ -259,6 +259,25 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_half_made() {
     let netns_before = lab.sh("vm3", &["ls", "/run/vxnet/netns"]).stdout;
     let inspect_before = lab.vx("vm3", &["network", "inspect", "bad"]);
 
+    // An MTU the network allows but this host's underlay (1500) cannot carry.
+    lab.vx(
+        "vm2",
+        &[
+            "network",
+            "create",
+            "--subnet",
+            "10.0.99.0/24",
+            "--mtu",
+            "2000",
+            "jumbo",
+        ],
+    );
+    wait_until(|| lab.vx("vm3", &["network", "ls"]).contains("jumbo"));
+    let err = lab.vx_err("vm3", &["run", "--net", "jumbo", "--", "true"]);
+    assert!(
+        err.contains("has MTU 2000, but this host's underlay eth0 has MTU 1500"),
+        "{err}"
+    );
     let err = lab.vx_err("vm3", &["run", "--net", "nope", "--", "true"]);
     assert!(err.contains("network nope not found"), "{err}");
     let err = lab.vx_err(
