@@ -148,14 +148,16 @@ async fn keep_membership(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(crate::view::MAX_BACKOFF).await;
                 continue;
             }
         };
         membership.set(Some(lease));
         tracing::info!(node = %node.id.short(), lease = format!("{lease:x}"), "registered in the cluster store");
+        let mut pause = refresh_every;
         loop {
-            tokio::time::sleep(refresh_every).await;
+            tokio::time::sleep(pause).await;
+            pause = refresh_every;
             match store.keep_alive_once(lease).await {
                 Ok(_) => {}
                 Err(StoreError::LeaseNotFound(_)) => {
@@ -167,8 +169,12 @@ async fn keep_membership(
                     break;
                 }
                 // The lease survives while etcd is away (etcd extends leases across leader
-                // changes and restarts); keep trying on the same lease.
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the node lease"),
+                // changes and restarts); keep trying on the same lease, as often as the
+                // watcher does, so it is refreshed soon after etcd's return.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh the node lease");
+                    pause = crate::view::MAX_BACKOFF.min(refresh_every);
+                }
             }
         }
     }

@@ -268,7 +268,13 @@ async fn run_watcher(
     }
 }
 
-/// Exponential backoff from 50 ms to 2 s.
+/// The longest pause between two attempts to reach the store. Short enough that the view
+/// converges within about half a second of etcd's return; while etcd is away that is two
+/// attempts a second (each fails at once on a refused connection, or after the request
+/// timeout on a silent one): no busy loop.
+pub const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Exponential backoff from 50 ms to [`MAX_BACKOFF`].
 struct Backoff(Duration);
 
 impl Backoff {
@@ -280,6 +286,6 @@ impl Backoff {
     }
     async fn wait(&mut self) {
         tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
     }
 }

@@ -33,6 +33,10 @@ pub enum LabCommand {
         /// The hosts' network: vmK gets its (4+K)th address (vm1 .5, vm2 .6, …).
         #[arg(long, default_value_t = DEFAULT_UNDERLAY)]
         underlay: Ipv4Net,
+        /// etcd members on vm1 (1, 3 or 5): one cluster, member K on ports 2379+100·K
+        /// (clients) and 2380+100·K (peers); the daemons are given every member.
+        #[arg(long, default_value_t = 1)]
+        etcd_members: usize,
     },
     /// Stop a lab's processes and remove its namespaces and files (safe to repeat).
     Down {
@@ -110,7 +114,8 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             hosts,
             name,
             underlay,
-        } => up(hosts, name.name, underlay).await,
+            etcd_members,
+        } => up(hosts, name.name, underlay, etcd_members).await,
         LabCommand::Down { name } => down(&name.name),
         LabCommand::Status { name, format } => status(&name.name, format.as_deref()),
         LabCommand::Exec {
@@ -124,10 +129,16 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn up(hosts: usize, name: String, underlay: Ipv4Net) -> anyhow::Result<ExitCode> {
+async fn up(
+    hosts: usize,
+    name: String,
+    underlay: Ipv4Net,
+    etcd_members: usize,
+) -> anyhow::Result<ExitCode> {
     let binary = std::env::current_exe().context("cannot find the vxnet binary itself")?;
     let opts = LabOptions {
         hosts,
+        etcd_members,
         underlay: underlay.trunc(),
         ..LabOptions::new(&name, binary)
     };

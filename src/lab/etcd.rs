@@ -28,35 +28,70 @@ pub fn server_args(
     advertise: Ipv4Addr,
     data_dir: &Path,
 ) -> Vec<std::ffi::OsString> {
-    let listen_clients: Vec<String> = listen
+    let member = Member {
+        name: name.to_string(),
+        client_port: CLIENT_PORT,
+        peer_port: PEER_PORT,
+    };
+    let cluster = member.initial_cluster_entry(advertise);
+    member.args(listen, advertise, &cluster, data_dir)
+}
+
+/// One member of an etcd cluster whose members share one address (the lab's vm1), told
+/// apart by their ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Member {
+    /// `NAME=http://ADDR:PEER`, one entry of `--initial-cluster`.
+    pub fn initial_cluster_entry(&self, advertise: Ipv4Addr) -> String {
+        format!("{}=http://{advertise}:{}", self.name, self.peer_port)
+    }
+
+    /// The member's arguments: clients on its client port of every address in `listen`
+    /// (advertised on `advertise`), peers on `advertise`:its peer port, `initial_cluster`
+    /// naming every member, data in `data_dir`.
+    pub fn args(
+        &self,
+        listen: &[Ipv4Addr],
+        advertise: Ipv4Addr,
+        initial_cluster: &str,
+        data_dir: &Path,
+    ) -> Vec<std::ffi::OsString> {
+        let listen_clients: Vec<String> = listen
+            .iter()
+            .map(|a| format!("http://{a}:{}", self.client_port))
+            .collect();
+        let client = format!("http://{advertise}:{}", self.client_port);
+        let peer = format!("http://{advertise}:{}", self.peer_port);
+        [
+            "--name",
+            &self.name,
+            "--listen-client-urls",
+            &listen_clients.join(","),
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            // Docker 20.10's legacy cluster store speaks etcd's v2 API.
+            "--enable-v2=true",
+            "--data-dir",
+        ]
         .iter()
-        .map(|a| format!("http://{a}:{CLIENT_PORT}"))
-        .collect();
-    let client = format!("http://{advertise}:{CLIENT_PORT}");
-    let peer = format!("http://{advertise}:{PEER_PORT}");
-    [
-        "--name",
-        name,
-        "--listen-client-urls",
-        &listen_clients.join(","),
-        "--advertise-client-urls",
-        &client,
-        "--listen-peer-urls",
-        &peer,
-        "--initial-advertise-peer-urls",
-        &peer,
-        "--initial-cluster",
-        &format!("{name}={peer}"),
-        "--initial-cluster-state",
-        "new",
-        // Docker 20.10's legacy cluster store speaks etcd's v2 API.
-        "--enable-v2=true",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.into())
-    .chain(std::iter::once(data_dir.as_os_str().to_owned()))
-    .collect()
+        .map(|s| s.into())
+        .chain(std::iter::once(data_dir.as_os_str().to_owned()))
+        .collect()
+    }
 }
 
 /// A running single-member etcd, stopped by PID on drop.

@@ -35,7 +35,7 @@ use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use super::etcd::{self, find_program, CLIENT_PORT};
+use super::etcd::{find_program, Member, CLIENT_PORT, PEER_PORT};
 use super::host_init::READY;
 use super::sys::{self, HostNamespaces, ProcRecord};
 use super::{require_root, LabError};
@@ -72,8 +72,13 @@ pub const BRIDGE: &str = "br0";
 pub const UNDERLAY_MTU: u32 = 1500;
 /// The daemon's socket, as seen inside a host.
 pub const HOST_SOCKET: &str = "/run/vxnet/vxnet.sock";
-/// etcd's data directory inside vm1 (a private directory of the host).
+/// etcd's data directory inside vm1 (a private directory of the host); member K of a
+/// multi-member cluster uses `…/lab-etcdK`.
 const ETCD_DATA_DIR: &str = "/var/lib/etcd/lab";
+/// Member K of a multi-member etcd listens on 2379 + K·100 (clients) and 2380 + K·100 (peers).
+pub const ETCD_PORT_STEP: u16 = 100;
+/// The most etcd members a lab runs.
+pub const MAX_ETCD_MEMBERS: usize = 5;
 const STATE_FILE: &str = "lab.json";
 const MAX_NAME: usize = 32;
 
@@ -94,6 +99,9 @@ pub struct LabOptions {
     pub private_dirs: Vec<PathBuf>,
     /// How long etcd and each daemon may take to become ready.
     pub ready_timeout: Duration,
+    /// etcd members on vm1 (1, 3 or 5): one cluster on vm1's address, member K on client port
+    /// 2379 + K·100 and peer port 2380 + K·100; the daemons are given every member.
+    pub etcd_members: usize,
 }
 
 impl LabOptions {
@@ -106,6 +114,7 @@ impl LabOptions {
             root: PathBuf::from(DEFAULT_ROOT),
             private_dirs: DEFAULT_PRIVATE_DIRS.iter().map(PathBuf::from).collect(),
             ready_timeout: Duration::from_secs(30),
+            etcd_members: 1,
         }
     }
 
@@ -115,6 +124,15 @@ impl LabOptions {
             return Err(LabError::InvalidOption(
                 "--hosts must be at least 1 (vm1 runs etcd)".into(),
             ));
+        }
+        if self.etcd_members == 0
+            || self.etcd_members > MAX_ETCD_MEMBERS
+            || self.etcd_members % 2 == 0
+        {
+            return Err(LabError::InvalidOption(format!(
+                "--etcd-members {}: use 1, 3 or 5 (an odd number keeps a majority after a failure)",
+                self.etcd_members
+            )));
         }
         if host_addr(self.underlay, self.hosts).is_none() {
             return Err(LabError::InvalidOption(format!(
@@ -184,6 +202,34 @@ pub struct LabState {
     /// the hosts but with no route to anything behind them (so only NAT'd traffic returns).
     #[serde(default)]
     pub outside_netns: Option<PathBuf>,
+    /// Client port of each etcd member on vm1 (member K is vm1's K-th process); empty in a
+    /// lab recorded before members were configurable, meaning one member on 2379.
+    #[serde(default)]
+    pub etcd_ports: Vec<u16>,
+}
+
+/// The etcd members of a lab of `n` members. One member keeps the seed's layout (name vm1,
+/// 2379/2380, data in /var/lib/etcd/lab).
+fn etcd_members(n: usize) -> Vec<(Member, PathBuf)> {
+    if n == 1 {
+        let m = Member {
+            name: "vm1".into(),
+            client_port: CLIENT_PORT,
+            peer_port: PEER_PORT,
+        };
+        return vec![(m, PathBuf::from(ETCD_DATA_DIR))];
+    }
+    (0..n)
+        .map(|k| {
+            let step = ETCD_PORT_STEP * k as u16;
+            let m = Member {
+                name: format!("etcd{k}"),
+                client_port: CLIENT_PORT + step,
+                peer_port: PEER_PORT + step,
+            };
+            (m, PathBuf::from(format!("{ETCD_DATA_DIR}-etcd{k}")))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -458,9 +504,27 @@ impl Lab {
             })
     }
 
-    /// `etcd://VM1:2379`: the cluster store the daemons use.
+    /// `etcd://VM1:2379[,VM1:2479…]`: the cluster store the daemons use (every member).
     pub fn cluster_store(&self) -> String {
-        format!("etcd://{}:{CLIENT_PORT}", self.hosts[0].addr)
+        let members: Vec<String> = self
+            .etcd_endpoints()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!("etcd://{}", members.join(","))
+    }
+
+    /// Each etcd member's client address (member K at index K).
+    pub fn etcd_endpoints(&self) -> Vec<SocketAddr> {
+        let vm1 = self.hosts[0].addr;
+        if self.state.etcd_ports.is_empty() {
+            return vec![SocketAddr::from((vm1, CLIENT_PORT))];
+        }
+        self.state
+            .etcd_ports
+            .iter()
+            .map(|p| SocketAddr::from((vm1, *p)))
+            .collect()
     }
 
     /// The outside namespace (holding OUTSIDE_ADDR), for tests of traffic leaving the overlay.
@@ -495,6 +559,275 @@ impl Lab {
     pub fn down_in(root: &Path, name: &str) -> Result<DownReport, LabError> {
         validate_name(name)?;
         teardown(&root.join(name))
+    }
+}
+
+/// Stopping and starting a lab's processes (fault injection).
+///
+/// These act on `lab.json`, the lab's record: a stop signals a process only if its PID and
+/// start time still match the record (through a pidfd); a start runs the recorded argv again
+/// in the same host (etcd with the same data directory and flags) and replaces the record
+/// with the new PID and start time, so `lab down` stops every process exactly once and never
+/// a stranger. The `Lab` value keeps the records it was opened with (`Host::processes`);
+/// [`Lab::current_state`] reads the current ones.
+impl Lab {
+    /// The lab's record as it is now on disk.
+    pub fn current_state(&self) -> Result<LabState, LabError> {
+        LabState::load(&self.state.dir)?.ok_or_else(|| LabError::State {
+            path: self.state.dir.join(STATE_FILE),
+            detail: "missing".into(),
+        })
+    }
+
+    /// Number of etcd members (on vm1).
+    pub fn etcd_member_count(&self) -> usize {
+        self.etcd_endpoints().len()
+    }
+
+    fn etcd_index(&self, member: usize) -> Result<usize, LabError> {
+        let n = self.etcd_member_count();
+        if member >= n {
+            return Err(LabError::InvalidOption(format!(
+                "etcd member {member}: this lab has {n} (0..{n})"
+            )));
+        }
+        Ok(member)
+    }
+
+    fn daemon_host(&self, host: &str) -> Result<usize, LabError> {
+        self.host(host)?;
+        let i = self.hosts.iter().position(|h| h.name == host).unwrap_or(0);
+        if i == 0 {
+            return Err(LabError::InvalidOption(format!(
+                "{host} runs etcd, not a daemon"
+            )));
+        }
+        Ok(i)
+    }
+
+    /// Sends `signal` to process `index` of host `host` (if it is still the recorded one) and
+    /// waits until it has exited (SIGKILL after 5 s). Whether it was running.
+    fn signal_process(&self, host: usize, index: usize, signal: i32) -> Result<bool, LabError> {
+        let state = self.current_state()?;
+        let rec = state.hosts[host].processes.get(index).ok_or_else(|| {
+            LabError::InvalidOption(format!("{} has no process {index}", self.hosts[host].name))
+        })?;
+        let out = sys::stop_with(&[rec], signal, Duration::from_secs(5));
+        if let Some(stuck) = out.stuck.first() {
+            return Err(LabError::ProcessFailed {
+                what: format!("stopping {stuck}"),
+                detail: "it survived SIGKILL".into(),
+            });
+        }
+        Ok(out.stopped == 1)
+    }
+
+    /// Starts process `index` of host `host` again from its recorded argv (appending to its
+    /// log) and records the new process. Refuses if the recorded one still runs.
+    fn restart_process(&self, host: usize, index: usize) -> Result<Child, LabError> {
+        let mut state = self.current_state()?;
+        let rec = state.hosts[host]
+            .processes
+            .get(index)
+            .cloned()
+            .ok_or_else(|| {
+                LabError::InvalidOption(format!("{} has no process {index}", self.hosts[host].name))
+            })?;
+        if rec.is_alive() {
+            return Err(LabError::InvalidOption(format!(
+                "{} {} on {} is still running (PID {})",
+                rec.role, index, self.hosts[host].name, rec.pid
+            )));
+        }
+        let (program, args) = rec.argv.split_first().ok_or_else(|| LabError::State {
+            path: self.state.dir.join(STATE_FILE),
+            detail: format!("{} on {} has no argv", rec.role, self.hosts[host].name),
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        if rec.role == "daemon" {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
+        daemon_stdio(&mut cmd, &self.state.name, &rec.log)?;
+        self.hosts[host].enter(&mut cmd, true)?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| LabError::io(Path::new(program), e))?;
+        state.hosts[host].processes[index] = record(&rec.role, &child, &cmd, &rec.log)?;
+        state.save()?;
+        Ok(child)
+    }
+
+    /// Stops etcd member `member` (SIGTERM; SIGKILL after 5 s) and waits until it has exited.
+    /// Whether it was running.
+    pub fn stop_etcd(&self, member: usize) -> Result<bool, LabError> {
+        self.signal_process(0, self.etcd_index(member)?, libc::SIGTERM)
+    }
+
+    /// kill -9 of etcd member `member` (a crash); waits until it has exited.
+    pub fn kill_etcd(&self, member: usize) -> Result<bool, LabError> {
+        self.signal_process(0, self.etcd_index(member)?, libc::SIGKILL)
+    }
+
+    /// Stops every etcd member (all at once, as a power cut of vm1's etcd would).
+    pub fn stop_all_etcd(&self) -> Result<(), LabError> {
+        let state = self.current_state()?;
+        let recs: Vec<&ProcRecord> = state.hosts[0].processes.iter().collect();
+        let out = sys::stop(&recs, Duration::from_secs(5));
+        match out.stuck.first() {
+            Some(stuck) => Err(LabError::ProcessFailed {
+                what: format!("stopping {stuck}"),
+                detail: "it survived SIGKILL".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts etcd member `member` again (same argv and data directory) and waits until it
+    /// accepts connections on its client port. A member of a multi-member cluster serves
+    /// only once a majority runs: [`Lab::wait_etcd_healthy`] waits for that.
+    pub async fn start_etcd(&self, member: usize) -> Result<(), LabError> {
+        let index = self.etcd_index(member)?;
+        let mut child = self.restart_process(0, index)?;
+        let target = self.etcd_endpoints()[index];
+        let netns = self.hosts[0].netns.clone();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = self.current_state()?.hosts[0].processes[index].log.clone();
+                return Err(exit_error(format!("etcd member {member}"), status, &log));
+            }
+            let ns = netns.clone();
+            let up = tokio::task::spawn_blocking(move || {
+                NetNs::open(&ns)
+                    .and_then(|ns| {
+                        ns.run(|| {
+                            TcpStream::connect_timeout(&target, Duration::from_millis(200))
+                                .map(|_| ())
+                        })
+                    })
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if up {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(LabError::ProcessFailed {
+                    what: format!("etcd member {member}"),
+                    detail: format!("not listening on {target} after 30 s"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts every stopped etcd member again and waits until each is healthy.
+    pub async fn start_all_etcd(&self) -> Result<(), LabError> {
+        let state = self.current_state()?;
+        for (member, rec) in state.hosts[0].processes.iter().enumerate() {
+            if !rec.is_alive() {
+                self.start_etcd(member).await?;
+            }
+        }
+        for member in 0..self.etcd_member_count() {
+            self.wait_etcd_healthy(member, Duration::from_secs(30))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until etcd member `member` answers `/health` with true (it serves: a leader
+    /// exists and it has caught up).
+    pub async fn wait_etcd_healthy(&self, member: usize, limit: Duration) -> Result<(), LabError> {
+        let target = self.etcd_endpoints()[self.etcd_index(member)?];
+        let netns = self.hosts[0].netns.clone();
+        let started = Instant::now();
+        loop {
+            let ns = netns.clone();
+            if tokio::task::spawn_blocking(move || etcd_healthy(&ns, target))
+                .await
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                return Err(LabError::ProcessFailed {
+                    what: format!("etcd member {member}"),
+                    detail: format!("not healthy on {target} after {limit:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether etcd member `member` answers `/health` with true right now.
+    pub fn etcd_is_healthy(&self, member: usize) -> bool {
+        self.etcd_endpoints()
+            .get(member)
+            .is_some_and(|t| etcd_healthy(&self.hosts[0].netns, *t))
+    }
+
+    /// The current leader among the etcd members (asked with `etcdctl endpoint status` on
+    /// vm1); `None` when no running member reports one.
+    pub fn etcd_leader(&self) -> Result<Option<usize>, LabError> {
+        let endpoints = self.etcd_endpoints();
+        let list: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+        let mut cmd = self.hosts[0].command("etcdctl")?;
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(list.join(","))
+            .args([
+                "--command-timeout",
+                "1s",
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ]);
+        let out = cmd
+            .output()
+            .map_err(|e| LabError::io(Path::new("etcdctl"), e))?;
+        // Unreachable members are reported on stderr; the others are still listed.
+        let statuses: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for st in &statuses {
+            let own = &st["Status"]["header"]["member_id"];
+            let leader = &st["Status"]["leader"];
+            if !own.is_null() && own == leader {
+                let ep = st["Endpoint"].as_str().unwrap_or_default();
+                return Ok(list.iter().position(|l| l == ep));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops the daemon of `host` (SIGTERM, as `systemctl stop` would) and waits until it has
+    /// exited. Whether it was running.
+    pub fn stop_daemon(&self, host: &str) -> Result<bool, LabError> {
+        let i = self.daemon_host(host)?;
+        self.signal_process(i, 0, libc::SIGTERM)
+    }
+
+    /// Starts the daemon of `host` again with its recorded argv and waits until its API
+    /// answers (registered in the cluster store or not: etcd may be away).
+    pub async fn start_daemon(&self, host: &str) -> Result<(), LabError> {
+        let i = self.daemon_host(host)?;
+        let mut child = self.restart_process(i, 0)?;
+        let log = self.current_state()?.hosts[i].processes[0].log.clone();
+        wait_daemon(
+            &mut child,
+            &self.hosts[i].socket_path(),
+            host,
+            &log,
+            Duration::from_secs(30),
+            false,
+        )
+        .await
     }
 }
 
@@ -807,6 +1140,10 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         bridge: BRIDGE.to_string(),
         hosts,
         outside_netns: Some(dir.join("netns").join("outside")),
+        etcd_ports: etcd_members(opts.etcd_members)
+            .iter()
+            .map(|(m, _)| m.client_port)
+            .collect(),
     };
     state.save()?;
 
@@ -865,35 +1202,54 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         })
     };
 
-    // etcd on vm1.
+    // etcd on vm1: every member started first (a multi-member cluster serves only once a
+    // majority runs), then each waited for.
     let vm1_addr = state.hosts[0].addr;
-    let etcd_log = logs.join("vm1-etcd.log");
-    let mut cmd = Command::new(etcd_bin);
-    cmd.args(etcd::server_args(
-        "vm1",
-        &[vm1_addr, Ipv4Addr::LOCALHOST],
-        vm1_addr,
-        Path::new(ETCD_DATA_DIR),
-    ));
-    daemon_stdio(&mut cmd, &opts.name, &etcd_log)?;
-    view(&state)?.hosts[0].enter(&mut cmd, true)?;
-    let mut etcd_child = cmd.spawn().map_err(|e| LabError::io(etcd_bin, e))?;
-    state.hosts[0]
-        .processes
-        .push(record("etcd", &etcd_child, &cmd, &etcd_log)?);
-    state.save()?;
-    wait_etcd(
-        &mut etcd_child,
-        &state.hosts[0].netns,
-        vm1_addr,
-        &etcd_log,
-        opts.ready_timeout,
-    )
+    let members = etcd_members(opts.etcd_members);
+    let initial_cluster = members
+        .iter()
+        .map(|(m, _)| m.initial_cluster_entry(vm1_addr))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut etcd_children = Vec::new();
+    for (m, data_dir) in &members {
+        let log_name = if members.len() == 1 {
+            "vm1-etcd.log".to_string()
+        } else {
+            format!("vm1-{}.log", m.name)
+        };
+        let etcd_log = logs.join(log_name);
+        let mut cmd = Command::new(etcd_bin);
+        cmd.args(m.args(
+            &[vm1_addr, Ipv4Addr::LOCALHOST],
+            vm1_addr,
+            &initial_cluster,
+            data_dir,
+        ));
+        daemon_stdio(&mut cmd, &opts.name, &etcd_log)?;
+        view(&state)?.hosts[0].enter(&mut cmd, true)?;
+        let child = cmd.spawn().map_err(|e| LabError::io(etcd_bin, e))?;
+        state.hosts[0]
+            .processes
+            .push(record("etcd", &child, &cmd, &etcd_log)?);
+        state.save()?;
+        etcd_children.push((child, m.client_port, etcd_log));
+    }
+    futures::future::try_join_all(etcd_children.iter_mut().map(|(child, port, log)| {
+        wait_etcd(
+            child,
+            &state.hosts[0].netns,
+            SocketAddr::from((vm1_addr, *port)),
+            log,
+            opts.ready_timeout,
+        )
+    }))
     .await?;
+    drop(etcd_children);
 
     // A daemon on every other host, with the defaults a real host would have.
-    let store = format!("etcd://{vm1_addr}:{CLIENT_PORT}");
     let lab = view(&state)?;
+    let store = lab.cluster_store();
     let mut daemons = Vec::new();
     for i in 1..state.hosts.len() {
         let (name, addr) = (state.hosts[i].name.clone(), state.hosts[i].addr);
@@ -918,7 +1274,7 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         daemons.push((child, lab.hosts[i].socket_path(), name, log));
     }
     futures::future::try_join_all(daemons.iter_mut().map(|(child, socket, name, log)| {
-        wait_daemon(child, socket, name, log, opts.ready_timeout)
+        wait_daemon(child, socket, name, log, opts.ready_timeout, true)
     }))
     .await?;
 
@@ -972,11 +1328,10 @@ async fn wait_init(
 }
 
 /// GET /health from inside `netns`: etcd answers `{"health":"true"}` once it serves.
-fn etcd_healthy(netns: &Path, addr: Ipv4Addr) -> bool {
+fn etcd_healthy(netns: &Path, target: SocketAddr) -> bool {
     let Ok(ns) = NetNs::open(netns) else {
         return false;
     };
-    let target = SocketAddr::from((addr, CLIENT_PORT));
     ns.run(|| {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_millis(300))?;
         s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -991,7 +1346,7 @@ fn etcd_healthy(netns: &Path, addr: Ipv4Addr) -> bool {
 async fn wait_etcd(
     child: &mut Child,
     netns: &Path,
-    addr: Ipv4Addr,
+    addr: SocketAddr,
     log: &Path,
     limit: Duration,
 ) -> Result<(), LabError> {
@@ -1011,7 +1366,7 @@ async fn wait_etcd(
             return Err(LabError::ProcessFailed {
                 what: "etcd on vm1".into(),
                 detail: format!(
-                    "not healthy on {addr}:{CLIENT_PORT} after {limit:?}; its log ({}) ends with:\n{}",
+                    "not healthy on {addr} after {limit:?}; its log ({}) ends with:\n{}",
                     log.display(),
                     sys::log_tail(log, 15)
                 ),
@@ -1027,6 +1382,7 @@ async fn wait_daemon(
     host: &str,
     log: &Path,
     limit: Duration,
+    need_synced: bool,
 ) -> Result<(), LabError> {
     let what = format!("vxnet daemon on {host}");
     let client = Client::from_socket(socket.to_path_buf());
@@ -1036,7 +1392,7 @@ async fn wait_daemon(
             return Err(exit_error(what, status, log));
         }
         if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), client.info()).await {
-            if info.synced {
+            if info.synced || !need_synced {
                 return Ok(());
             }
         }

@@ -147,11 +147,16 @@ pub struct StopOutcome {
 /// Stops the recorded processes: SIGTERM, up to `grace` to exit, then SIGKILL. Only
 /// processes whose PID and start time still match the record are signalled.
 pub fn stop(records: &[&ProcRecord], grace: Duration) -> StopOutcome {
+    stop_with(records, libc::SIGTERM, grace)
+}
+
+/// Like [`stop`], but the first signal is `signal` (e.g. SIGKILL for a crash).
+pub fn stop_with(records: &[&ProcRecord], signal: i32, grace: Duration) -> StopOutcome {
     let mut out = StopOutcome::default();
     let mut running = Vec::new();
     for (i, rec) in records.iter().enumerate() {
         match open_ours(rec) {
-            Some(fd) if pidfd_signal(&fd, libc::SIGTERM).is_ok() => running.push((i, fd)),
+            Some(fd) if pidfd_signal(&fd, signal).is_ok() => running.push((i, fd)),
             _ => out.gone += 1,
         }
     }

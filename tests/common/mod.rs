@@ -36,6 +36,11 @@ static LABS: AtomicUsize = AtomicUsize::new(0);
 
 impl TestLab {
     pub async fn up(hosts: usize) -> TestLab {
+        Self::up_with(hosts, |_| {}).await
+    }
+
+    /// A lab of `hosts` hosts with other options changed by `tweak` (name and binary are set).
+    pub async fn up_with(hosts: usize, tweak: impl FnOnce(&mut LabOptions)) -> TestLab {
         let name = format!(
             "t{}-{}",
             std::process::id(),
@@ -43,6 +48,7 @@ impl TestLab {
         );
         let mut opts = LabOptions::new(&name, binary());
         opts.hosts = hosts;
+        tweak(&mut opts);
         match Lab::up(opts).await {
             Ok(lab) => TestLab {
                 lab: LabGuard::new(lab),
