@@ -58,6 +58,9 @@ pub struct Membership {
     registered: watch::Sender<bool>,
     /// The store revision at which this node's key was last written (0: never).
     registered_at: std::sync::atomic::AtomicI64,
+    /// The last error talking to the store (registration or keep-alive), cleared by the next
+    /// success: `vxnet info` shows it.
+    store_error: RwLock<Option<String>>,
 }
 
 impl LeaseSource for Membership {
@@ -82,6 +85,17 @@ impl Membership {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Why the last registration or keep-alive failed, if the last attempt did.
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.read().ok().and_then(|e| e.clone())
+    }
+
+    fn set_store_error(&self, error: Option<&StoreError>) {
+        if let Ok(mut e) = self.store_error.write() {
+            *e = error.map(|e| e.to_string());
+        }
+    }
+
     fn set(&self, lease: Option<LeaseId>) {
         if let Ok(mut l) = self.lease.write() {
             *l = lease;
@@ -103,6 +117,7 @@ pub fn spawn_membership(
         lease: RwLock::new(None),
         registered,
         registered_at: std::sync::atomic::AtomicI64::new(0),
+        store_error: RwLock::new(None),
     });
     tokio::spawn(keep_membership(
         store,
@@ -134,16 +149,20 @@ async fn keep_membership(
                 lease
             }
             Err(e) => {
+                membership.set_store_error(Some(&e));
                 tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
+        membership.set_store_error(None);
         membership.set(Some(lease));
         tracing::info!(node = %node.id.short(), lease = format!("{lease:x}"), "registered in the cluster store");
         loop {
             tokio::time::sleep(refresh_every).await;
-            match store.keep_alive_once(lease).await {
+            let refreshed = store.keep_alive_once(lease).await;
+            membership.set_store_error(refreshed.as_ref().err());
+            match refreshed {
                 Ok(_) => {}
                 Err(StoreError::LeaseNotFound(_)) => {
                     tracing::warn!(
