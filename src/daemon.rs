@@ -20,7 +20,7 @@ use crate::container::ContainerService;
 use crate::model::{self, Node};
 use crate::node::{load_or_create_node_id, spawn_membership};
 use crate::reconcile::{GatewayConfig, LocalHost, Reconciler};
-use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::store::etcd::{parse_store_opts, EtcdConfig, EtcdStore};
 use crate::store::{Keys, Store, StoreError};
 use crate::view::spawn_watcher;
 
@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     pub store_prefix: String,
     pub lease_ttl: Duration,
     pub etcd_user: Option<(String, String)>,
+    /// `--cluster-store-opt KEY=VALUE` (Docker's): `kv.cacertfile`, `kv.certfile`, `kv.keyfile`.
+    pub store_opts: Vec<String>,
     /// The gateway bridge's subnet (eth1 of every non-internal container).
     pub gateway_subnet: ipnet::Ipv4Net,
     /// The group that may use the API socket besides root (mode 0660, owner root).
@@ -100,6 +102,7 @@ pub async fn run(
 
     let mut etcd = EtcdConfig::from_cluster_store(&config.cluster_store)?;
     etcd.user = config.etcd_user.clone();
+    etcd.tls = parse_store_opts(&config.store_opts)?;
     let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd).await?);
     let keys = Keys::new(&config.store_prefix);
     let node_id = load_or_create_node_id(&config.state_dir).map_err(io_err(&config.state_dir))?;

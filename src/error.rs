@@ -139,7 +139,12 @@ impl Error {
             | Error::PortInUse { .. }
             | Error::NotConnected { .. } => ErrorKind::Conflict,
             Error::Contention(_) | Error::NotRegistered => ErrorKind::Unavailable,
-            Error::Store(StoreError::Unreachable { .. }) => ErrorKind::Unavailable,
+            Error::Store(
+                StoreError::Unreachable { .. }
+                | StoreError::Tls { .. }
+                | StoreError::BadCredentials { .. }
+                | StoreError::AuthRequired { .. },
+            ) => ErrorKind::Unavailable,
             Error::Store(_)
             | Error::Corrupt { .. }
             | Error::Dataplane(_)

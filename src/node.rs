@@ -61,6 +61,9 @@ pub struct Membership {
     /// The lease after each (re-)registration: a new value means this node's endpoints may
     /// be gone from the store (the old lease expired) and must be claimed again.
     leases: watch::Sender<Option<LeaseId>>,
+    /// The last error talking to the store (registration or keep-alive), cleared by the next
+    /// success: `vxnet info` shows it.
+    store_error: RwLock<Option<String>>,
 }
 
 impl LeaseSource for Membership {
@@ -91,6 +94,17 @@ impl Membership {
         self.leases.subscribe()
     }
 
+    /// Why the last registration or keep-alive failed, if the last attempt did.
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.read().ok().and_then(|e| e.clone())
+    }
+
+    fn set_store_error(&self, error: Option<&StoreError>) {
+        if let Ok(mut e) = self.store_error.write() {
+            *e = error.map(|e| e.to_string());
+        }
+    }
+
     fn set(&self, lease: Option<LeaseId>) {
         if let Ok(mut l) = self.lease.write() {
             *l = lease;
@@ -116,6 +130,7 @@ pub fn spawn_membership(
         registered,
         registered_at: std::sync::atomic::AtomicI64::new(0),
         leases: watch::channel(None).0,
+        store_error: RwLock::new(None),
     });
     tokio::spawn(keep_membership(
         store,
@@ -147,18 +162,22 @@ async fn keep_membership(
                 lease
             }
             Err(e) => {
+                membership.set_store_error(Some(&e));
                 tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
                 tokio::time::sleep(crate::view::MAX_BACKOFF).await;
                 continue;
             }
         };
+        membership.set_store_error(None);
         membership.set(Some(lease));
         tracing::info!(node = %node.id.short(), lease = format!("{lease:x}"), "registered in the cluster store");
         let mut pause = refresh_every;
         loop {
             tokio::time::sleep(pause).await;
             pause = refresh_every;
-            match store.keep_alive_once(lease).await {
+            let refreshed = store.keep_alive_once(lease).await;
+            membership.set_store_error(refreshed.as_ref().err());
+            match refreshed {
                 Ok(_) => {}
                 Err(StoreError::LeaseNotFound(_)) => {
                     tracing::warn!(

@@ -152,6 +152,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
         nodes: view.nodes.values().cloned().collect(),
         networks: view.networks.len(),
         endpoints: view.endpoints.values().map(|e| e.len()).sum(),
+        store_error: state.membership.store_error(),
     })))
 }
 

@@ -48,4 +48,8 @@ pub struct Info {
     pub nodes: Vec<Node>,
     pub networks: usize,
     pub endpoints: usize,
+    /// The last error talking to the cluster store (TLS, credentials, unreachable), while
+    /// the daemon keeps retrying; absent once it gets through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }

@@ -37,8 +37,12 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = 15)]
     lease_ttl: u64,
     /// etcd credentials as USER:PASSWORD (when etcd's auth is on).
-    #[arg(long, env = "VXNET_ETCD_USER")]
+    #[arg(long, env = "VXNET_ETCD_USER", hide_env_values = true)]
     etcd_user: Option<String>,
+    /// Store option KEY=VALUE, repeatable: kv.cacertfile=PATH (TLS to etcd, trusting this CA),
+    /// kv.certfile=PATH and kv.keyfile=PATH (this host's client certificate).
+    #[arg(long = "cluster-store-opt", value_name = "KEY=VALUE")]
+    cluster_store_opt: Vec<String>,
     /// Subnet of this host's gateway bridge (containers' eth1, NAT'd); pick one that does not
     /// collide with your networks.
     #[arg(long, default_value = crate::reconcile::GatewayConfig::DEFAULT_SUBNET)]
@@ -68,6 +72,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         Some(s) => {
             let (u, p) = s
                 .split_once(':')
+                .filter(|(u, _)| !u.is_empty())
                 .context("--etcd-user must be USER:PASSWORD")?;
             Some((u.to_string(), p.to_string()))
         }
@@ -84,6 +89,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         store_prefix: args.store_prefix,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         etcd_user,
+        store_opts: args.cluster_store_opt,
         gateway_subnet: args.gateway_bridge_subnet,
         socket_group: args.socket_group,
     };

@@ -171,6 +171,9 @@ async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode>
                 "Registered:      {}",
                 if info.registered { "yes" } else { "no" }
             );
+            if let Some(e) = &info.store_error {
+                println!("Store error:     {e}");
+            }
             println!("View revision:   {}", info.view_revision);
             println!("Networks:        {}", info.networks);
             println!("Endpoints:       {}", info.endpoints);

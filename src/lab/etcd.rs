@@ -28,13 +28,38 @@ pub fn server_args(
     advertise: Ipv4Addr,
     data_dir: &Path,
 ) -> Vec<std::ffi::OsString> {
+    server_args_with(name, listen, advertise, data_dir, None)
+}
+
+/// TLS on etcd's client port (peers stay plain: a single member has none).
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// The CA that signed `cert` (etcdctl trusts it).
+    pub ca: PathBuf,
+    /// etcd's server certificate and key (`--cert-file`, `--key-file`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `--client-cert-auth`: clients must present a certificate signed by `ca`.
+    pub client_cert_auth: bool,
+    /// The client certificate and key etcdctl presents (needed with `client_cert_auth`).
+    pub etcdctl_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// [`server_args`], optionally serving clients over TLS.
+pub fn server_args_with(
+    name: &str,
+    listen: &[Ipv4Addr],
+    advertise: Ipv4Addr,
+    data_dir: &Path,
+    tls: Option<&EtcdServerTls>,
+) -> Vec<std::ffi::OsString> {
     let member = Member {
         name: name.to_string(),
         client_port: CLIENT_PORT,
         peer_port: PEER_PORT,
     };
     let cluster = member.initial_cluster_entry(advertise);
-    member.args(listen, advertise, &cluster, data_dir)
+    member.args_with(listen, advertise, &cluster, data_dir, tls)
 }
 
 /// One member of an etcd cluster whose members share one address (the lab's vm1), told
@@ -62,11 +87,24 @@ impl Member {
         initial_cluster: &str,
         data_dir: &Path,
     ) -> Vec<std::ffi::OsString> {
+        self.args_with(listen, advertise, initial_cluster, data_dir, None)
+    }
+
+    /// [`Member::args`], optionally serving clients over TLS (peers stay plain).
+    pub fn args_with(
+        &self,
+        listen: &[Ipv4Addr],
+        advertise: Ipv4Addr,
+        initial_cluster: &str,
+        data_dir: &Path,
+        tls: Option<&EtcdServerTls>,
+    ) -> Vec<std::ffi::OsString> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listen_clients: Vec<String> = listen
             .iter()
-            .map(|a| format!("http://{a}:{}", self.client_port))
+            .map(|a| format!("{scheme}://{a}:{}", self.client_port))
             .collect();
-        let client = format!("http://{advertise}:{}", self.client_port);
+        let client = format!("{scheme}://{advertise}:{}", self.client_port);
         let peer = format!("http://{advertise}:{}", self.peer_port);
         [
             "--name",
@@ -90,6 +128,22 @@ impl Member {
         .iter()
         .map(|s| s.into())
         .chain(std::iter::once(data_dir.as_os_str().to_owned()))
+        .chain(tls.into_iter().flat_map(|t| {
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "--cert-file".into(),
+                t.cert.clone().into(),
+                "--key-file".into(),
+                t.key.clone().into(),
+            ];
+            if t.client_cert_auth {
+                args.extend([
+                    "--client-cert-auth".into(),
+                    "--trusted-ca-file".into(),
+                    t.ca.clone().into(),
+                ]);
+            }
+            args
+        }))
         .collect()
     }
 }
@@ -100,6 +154,9 @@ pub struct EtcdServer {
     process: ChildGuard,
     addr: Ipv4Addr,
     etcdctl: Option<PathBuf>,
+    tls: Option<EtcdServerTls>,
+    /// `USER:PASSWORD` etcdctl authenticates with, once auth is on.
+    etcdctl_user: Option<String>,
 }
 
 impl EtcdServer {
@@ -111,13 +168,30 @@ impl EtcdServer {
         dir: &Path,
         die_with_parent: bool,
     ) -> Result<Self, LabError> {
+        Self::start_with(ns, addr, dir, die_with_parent, None)
+    }
+
+    /// [`EtcdServer::start`], serving clients over TLS when `tls` is given.
+    pub fn start_with(
+        ns: &NetNs,
+        addr: Ipv4Addr,
+        dir: &Path,
+        die_with_parent: bool,
+        tls: Option<EtcdServerTls>,
+    ) -> Result<Self, LabError> {
         let etcd = find_program("etcd").ok_or(LabError::MissingProgram {
             program: "etcd",
             package: "etcd-server",
         })?;
         std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
         let mut cmd = Command::new(etcd);
-        cmd.args(server_args("etcd0", &[addr], addr, &dir.join("data")));
+        cmd.args(server_args_with(
+            "etcd0",
+            &[addr],
+            addr,
+            &dir.join("data"),
+            tls.as_ref(),
+        ));
         ns.command(&mut cmd).map_err(|e| LabError::io(dir, e))?;
         let log = dir.join("etcd.log");
         let process = ChildGuard::spawn("etcd", cmd, &log, die_with_parent)
@@ -126,6 +200,8 @@ impl EtcdServer {
             process,
             addr,
             etcdctl: find_program("etcdctl"),
+            tls,
+            etcdctl_user: None,
         };
         server.wait_ready(ns, Duration::from_secs(15))?;
         Ok(server)
@@ -176,14 +252,41 @@ impl EtcdServer {
             package: "etcd-client",
         })?;
         let mut cmd = Command::new(bin);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(format!("http://{}:{CLIENT_PORT}", self.addr))
-            .args(args);
+            .arg(format!("{scheme}://{}:{CLIENT_PORT}", self.addr));
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+            if let Some((cert, key)) = &tls.etcdctl_cert {
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
+        if let Some(user) = &self.etcdctl_user {
+            cmd.arg("--user").arg(user);
+        }
+        cmd.args(args);
         ns.command(&mut cmd)
             .map_err(|e| LabError::io(Path::new("etcdctl"), e))?;
         cmd.output()
             .map_err(|e| LabError::io(Path::new("etcdctl"), e))
+    }
+
+    /// Turns etcd's auth on with user `root` and `password` (root may do anything); etcdctl
+    /// authenticates as root from then on.
+    pub fn enable_auth(&mut self, ns: &NetNs, password: &str) -> Result<(), LabError> {
+        let root = format!("root:{password}");
+        for args in [&["user", "add", root.as_str()][..], &["auth", "enable"][..]] {
+            let out = self.etcdctl(ns, args)?;
+            if !out.status.success() {
+                return Err(LabError::ProcessFailed {
+                    what: format!("etcdctl {}", args[..2].join(" ")),
+                    detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+        }
+        self.etcdctl_user = Some(root);
+        Ok(())
     }
 
     pub fn stop(&mut self) {

@@ -99,11 +99,22 @@ pub struct DaemonSpec {
     pub store_prefix: String,
     pub lease_ttl_secs: u64,
     pub die_with_parent: bool,
+    /// More arguments (e.g. `--cluster-store-opt kv.cacertfile=…`).
+    pub extra_args: Vec<String>,
+    /// More environment (e.g. `VXNET_ETCD_USER`).
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonProcess {
     /// Starts the daemon inside `ns` and waits until it is registered and synced.
     pub async fn start(ns: &NetNs, spec: &DaemonSpec) -> Result<Self, LabError> {
+        let mut daemon = Self::spawn(ns, spec)?;
+        daemon.wait_ready(Duration::from_secs(15)).await?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon inside `ns` without waiting for it (see [`DaemonProcess::wait_ready`]).
+    pub fn spawn(ns: &NetNs, spec: &DaemonSpec) -> Result<Self, LabError> {
         let state_dir = spec.dir.join("state");
         let run_dir = spec.dir.join("run");
         let socket = run_dir.join("vxnet.sock");
@@ -126,6 +137,8 @@ impl DaemonProcess {
             .arg(&spec.store_prefix)
             .arg("--lease-ttl")
             .arg(spec.lease_ttl_secs.to_string())
+            .args(&spec.extra_args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
@@ -135,15 +148,13 @@ impl DaemonProcess {
         let log = spec.dir.join("daemon.log");
         let process = ChildGuard::spawn(&spec.name, cmd, &log, spec.die_with_parent)
             .map_err(|e| LabError::io(&spec.binary, e))?;
-        let mut daemon = DaemonProcess {
+        Ok(DaemonProcess {
             process,
             name: spec.name.clone(),
             socket,
             state_dir,
             advertise: spec.advertise,
-        };
-        daemon.wait_ready(Duration::from_secs(15)).await?;
-        Ok(daemon)
+        })
     }
 
     /// Waits until the daemon answers, holds its lease and has listed the store.
@@ -191,6 +202,7 @@ pub struct LocalCluster {
     pub etcd: EtcdServer,
     pub ns: NetNs,
     pub prefix: String,
+    opts: LocalClusterOptions,
     // Dropped last: the processes above write into it until they stop.
     pub dir: ScratchDir,
 }
@@ -204,6 +216,15 @@ pub struct LocalClusterOptions {
     pub lease_ttl_secs: u64,
     /// Kill etcd and the daemons if the starting thread ends (tests: no leaks on a crash).
     pub die_with_parent: bool,
+    /// Serve etcd's clients over TLS (daemons then need `--cluster-store-opt kv.*` in
+    /// `daemon_args`).
+    pub etcd_tls: Option<etcd::EtcdServerTls>,
+    /// Turn etcd's auth on, with user `root` and this password, before any daemon starts.
+    pub etcd_root_password: Option<String>,
+    /// Arguments given to every daemon (store options).
+    pub daemon_args: Vec<String>,
+    /// Environment given to every daemon (`VXNET_ETCD_USER`).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl LocalClusterOptions {
@@ -213,6 +234,10 @@ impl LocalClusterOptions {
             binary,
             lease_ttl_secs: 15,
             die_with_parent: true,
+            etcd_tls: None,
+            etcd_root_password: None,
+            daemon_args: Vec::new(),
+            daemon_env: Vec::new(),
         }
     }
 }
@@ -241,35 +266,49 @@ impl LocalCluster {
         netns::set_link_up(&handle, "lo")
             .await
             .map_err(|e| LabError::Netlink(e.to_string()))?;
-        let etcd = EtcdServer::start(
+        let mut etcd = EtcdServer::start_with(
             &ns,
             Ipv4Addr::LOCALHOST,
             &dir.path().join("etcd"),
             opts.die_with_parent,
+            opts.etcd_tls.clone(),
         )?;
-        let prefix = format!("/vxnet-{:08x}/", rand::random::<u32>());
-        let mut daemons = Vec::with_capacity(opts.daemons);
-        for i in 0..opts.daemons {
-            let name = format!("vm{}", i + 2);
-            let spec = DaemonSpec {
-                binary: opts.binary.clone(),
-                name: name.clone(),
-                cluster_store: etcd.cluster_store_url(),
-                advertise: Self::daemon_addr(i),
-                dir: dir.path().join(&name),
-                store_prefix: prefix.clone(),
-                lease_ttl_secs: opts.lease_ttl_secs,
-                die_with_parent: opts.die_with_parent,
-            };
-            daemons.push(DaemonProcess::start(&ns, &spec).await?);
+        if let Some(password) = &opts.etcd_root_password {
+            etcd.enable_auth(&ns, password)?;
         }
-        Ok(LocalCluster {
-            daemons,
+        let prefix = format!("/vxnet-{:08x}/", rand::random::<u32>());
+        let mut cluster = LocalCluster {
+            daemons: Vec::with_capacity(opts.daemons),
             etcd,
             ns,
             prefix,
             dir,
-        })
+            opts,
+        };
+        for i in 0..cluster.opts.daemons {
+            let spec = cluster.daemon_spec(i);
+            let daemon = DaemonProcess::start(&cluster.ns, &spec).await?;
+            cluster.daemons.push(daemon);
+        }
+        Ok(cluster)
+    }
+
+    /// How daemon `i` (0-based; vm{i+2}, at [`LocalCluster::daemon_addr`]) is started: tests
+    /// may change it and start one more with [`DaemonProcess::spawn`] in [`LocalCluster::ns`].
+    pub fn daemon_spec(&self, i: usize) -> DaemonSpec {
+        let name = format!("vm{}", i + 2);
+        DaemonSpec {
+            binary: self.opts.binary.clone(),
+            name: name.clone(),
+            cluster_store: self.etcd.cluster_store_url(),
+            advertise: Self::daemon_addr(i),
+            dir: self.dir.path().join(&name),
+            store_prefix: self.prefix.clone(),
+            lease_ttl_secs: self.opts.lease_ttl_secs,
+            die_with_parent: self.opts.die_with_parent,
+            extra_args: self.opts.daemon_args.clone(),
+            env: self.opts.daemon_env.clone(),
+        }
     }
 
     pub fn client(&self, i: usize) -> Client {

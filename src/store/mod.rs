@@ -6,6 +6,7 @@
 
 pub mod etcd;
 pub mod keys;
+mod tls_probe;
 
 use std::time::Duration;
 
@@ -133,6 +134,22 @@ pub enum StoreError {
     LeaseNotFound(LeaseId),
     #[error("invalid cluster store address {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
+    #[error("invalid --cluster-store-opt {opt:?}: {reason}")]
+    InvalidOption { opt: String, reason: String },
+    #[error("TLS handshake with {endpoints} failed: {cause}; {hint}")]
+    Tls {
+        endpoints: String,
+        cause: String,
+        hint: String,
+    },
+    #[error("{endpoints} rejected the credentials for user {user:?} ({cause}); check --etcd-user USER:PASSWORD")]
+    BadCredentials {
+        endpoints: String,
+        user: String,
+        cause: String,
+    },
+    #[error("{endpoints} requires authentication ({cause}); give --etcd-user USER:PASSWORD")]
+    AuthRequired { endpoints: String, cause: String },
 }
 
 /// The cluster store interface. Implementations are cheap to clone behind an `Arc`.
