@@ -376,6 +376,16 @@ impl Cluster {
                     revision: outcome.revision,
                 });
             }
+            // The name already pointing at this very network (a random ID nobody else has)
+            // means an earlier try that timed out was applied after all: done.
+            if let Some(Some(kv)) = outcome.gets.first() {
+                if kv.value == network.id.as_str().as_bytes() {
+                    return Ok(Written {
+                        value: network,
+                        revision: kv.mod_revision,
+                    });
+                }
+            }
             // Someone else wrote first. A name or an explicit VNI taken by them is final;
             // anything else (another network added) means re-read and check again.
             if outcome.gets.first().is_some_and(|g| g.is_some()) {
@@ -413,10 +423,17 @@ impl Cluster {
                         Op::Delete(self.keys.vni(net.vni)),
                         Op::DeletePrefix(self.keys.ipam(&net.id)),
                     ],
-                    vec![],
+                    vec![Op::Get(self.keys.network(&net.id))],
                 )
                 .await?;
             if outcome.succeeded {
+                return Ok(Written {
+                    value: stored.network,
+                    revision: outcome.revision,
+                });
+            }
+            // Gone already: an earlier try that timed out was applied after all.
+            if outcome.gets.first().is_some_and(|g| g.is_none()) {
                 return Ok(Written {
                     value: stored.network,
                     revision: outcome.revision,
@@ -549,6 +566,14 @@ impl Cluster {
                 });
             }
             match (outcome.gets.first(), outcome.gets.get(1)) {
+                // The address held by this very endpoint: an earlier try that timed out was
+                // applied after all.
+                (_, Some(Some(addr))) if addr.value == id.as_str().as_bytes() => {
+                    return Ok(Written {
+                        value: endpoint,
+                        revision: addr.mod_revision,
+                    });
+                }
                 (Some(Some(kv)), _) if kv.create_revision == network.create_revision => {}
                 _ => return Err(Error::NetworkNotFound(net.name.clone())),
             }
@@ -683,10 +708,11 @@ impl Cluster {
                         Op::Delete(key.clone()),
                         Op::Delete(self.keys.addr(net, endpoint.ip)),
                     ],
-                    vec![],
+                    vec![Op::Get(key.clone())],
                 )
                 .await?;
-            if outcome.succeeded {
+            // Deleted now, or already by an earlier try that timed out but was applied.
+            if outcome.succeeded || outcome.gets.first().is_some_and(|g| g.is_none()) {
                 return Ok(Written {
                     value: endpoint,
                     revision: outcome.revision,

@@ -301,6 +301,52 @@ impl EtcdStore {
         e
     }
 
+    /// Runs a request with up to `ATTEMPTS` tries within the configured deadline: an etcd
+    /// member going away (a killed leader, a reset connection, a proposal dropped by an
+    /// election) costs one try, not the request. Only "unreachable" failures are retried.
+    /// A retried transaction may already have been applied by the try that timed out; the
+    /// callers' compares make that visible (they find their own write) and they treat it as
+    /// done.
+    async fn call_retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        const ATTEMPTS: u32 = 3;
+        let started = Instant::now();
+        let per_try = self.config.request_timeout / ATTEMPTS;
+        let mut last = None;
+        for n in 0..ATTEMPTS {
+            let client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => return Err(e),
+            };
+            let tried = Instant::now();
+            let e = match tokio::time::timeout(per_try, attempt(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => map_err(&self.config, started, e),
+                Err(_) => unreachable(&self.config, started, "request timed out".into()),
+            };
+            if !matches!(e, StoreError::Unreachable { .. }) {
+                return Err(self.diagnose(e).await);
+            }
+            last = Some(e);
+            // A refused connection fails at once: pause a little before the next try, so that
+            // three tries span a moment rather than a microsecond.
+            if n + 1 < ATTEMPTS && tried.elapsed() < Duration::from_millis(100) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let e = match last {
+            Some(StoreError::Unreachable { cause, .. }) => {
+                unreachable(&self.config, started, cause)
+            }
+            Some(e) => e,
+            None => unreachable(&self.config, started, "no attempt made".into()),
+        };
+        Err(self.diagnose(e).await)
+    }
+
     /// Runs one request with the configured deadline, mapping failures to `StoreError`.
     async fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
     where
@@ -474,15 +520,23 @@ fn to_op(op: Op) -> TxnOp {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client().await?.kv_client();
-        let resp = self.call(kv.get(key, None)).await?;
+        let resp = self
+            .call_retrying(|c| {
+                let mut kv = c.kv_client();
+                let key = key.to_string();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().map(to_kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let mut kv = self.client().await?.kv_client();
         let resp = self
-            .call(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+            .call_retrying(|c| {
+                let mut kv = c.kv_client();
+                let prefix = prefix.to_string();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         Ok(Listing {
             kvs: resp.kvs().iter().map(to_kv).collect(),
@@ -500,8 +554,13 @@ impl Store for EtcdStore {
             .when(compares.into_iter().map(to_compare).collect::<Vec<_>>())
             .and_then(success.into_iter().map(to_op).collect::<Vec<_>>())
             .or_else(failure.into_iter().map(to_op).collect::<Vec<_>>());
-        let mut kv = self.client().await?.kv_client();
-        let resp = self.call(kv.txn(txn)).await?;
+        let resp = self
+            .call_retrying(|c| {
+                let mut kv = c.kv_client();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
         let gets = resp
             .op_responses()
             .iter()
