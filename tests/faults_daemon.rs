@@ -250,3 +250,42 @@ async fn a_host_back_after_its_lease_expired_reclaims_its_addresses_or_reports_a
     kill(Pid::from_raw(again.id() as i32), Signal::SIGTERM).unwrap();
     again.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hosts_endpoints_leave_every_other_host_after_the_default_lease_ttl() {
+    let lab = TestLab::up(3).await;
+    let net = lab.network("dead", "10.0.7.0/24");
+    lab.container("vm2", "watcher", "dead");
+    let ip = lab.container("vm3", "doomed", "dead");
+    let neigh = || lab.in_sandbox("vm2", &net, &["ip", "neigh", "show", "dev", "vxlan1"]);
+    wait_until(|| neigh().contains(&ip));
+
+    // vm3's daemon dies for good; nobody touches its lease: it runs out (15 s by default).
+    let vm3 = daemon_record(&lab, "vm3");
+    kill(Pid::from_raw(vm3.pid as i32), Signal::SIGKILL).unwrap();
+    wait_gone(vm3.pid);
+    let started = Instant::now();
+    while neigh().contains(&ip) {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "dead host's entries stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "FAULT|host dead for good (daemon kill -9, default 15 s lease)|its endpoints gone from the other hosts' FDB/neighbour tables and from inspect, addresses released|{} ms",
+        started.elapsed().as_millis()
+    );
+    let inspect = lab.vx("vm2", &["network", "inspect", "dead"]);
+    assert!(!inspect.contains(&ip), "{inspect}");
+    let info: serde_json::Value =
+        serde_json::from_str(&lab.vx("vm2", &["info", "--format", "json"])).unwrap();
+    assert_eq!(info["nodes"].as_array().unwrap().len(), 1, "{info}");
+    // The address is free again.
+    lab.vx(
+        "vm2",
+        &[
+            "run", "-d", "--name", "heir", "--ip", &ip, "--net", "dead", "--", "sleep", "60",
+        ],
+    );
+}
