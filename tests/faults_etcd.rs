@@ -377,3 +377,94 @@ async fn killing_the_etcd_leader_of_three_fails_over() {
     lab.lab.start_etcd(leader).await.unwrap();
     lab.lab.wait_etcd_healthy(leader, HANG_GUARD).await.unwrap();
 }
+
+/// A daemon whose watch resumes at a revision etcd has compacted away re-lists the store
+/// instead of missing what happened meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resuming_at_a_compacted_revision_relists() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let lab = TestLab::up(3).await;
+    lab.network("before", "10.0.20.0/24");
+    let vm3 = lab
+        .lab
+        .host("vm3")
+        .unwrap()
+        .processes()
+        .iter()
+        .find(|p| p.role == "daemon")
+        .unwrap()
+        .pid;
+    // Freeze vm3's daemon, restart etcd under it (its watch connection dies), then change the
+    // store and compact it past everything vm3 has seen.
+    kill(Pid::from_raw(vm3 as i32), Signal::SIGSTOP).unwrap();
+    assert!(lab.lab.stop_etcd(0).unwrap());
+    lab.lab.start_etcd(0).await.unwrap();
+    lab.lab
+        .wait_etcd_healthy(0, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_until(|| {
+        lab.sh(
+            "vm2",
+            &[
+                "vxnet",
+                "network",
+                "create",
+                "--subnet",
+                "10.0.21.0/24",
+                "after",
+            ],
+        )
+        .status
+        .success()
+    });
+    lab.vx("vm2", &["network", "rm", "before"]);
+    let store = lab.lab.cluster_store().replace("etcd://", "http://");
+    let status = lab.sh(
+        "vm1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            &store,
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let revision = v[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    let compact = lab.sh(
+        "vm1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            &store,
+            "compact",
+            &revision.to_string(),
+        ],
+    );
+    assert!(
+        compact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+    let started = std::time::Instant::now();
+    kill(Pid::from_raw(vm3 as i32), Signal::SIGCONT).unwrap();
+    // vm3 sees the network made while it was away and no longer lists the removed one.
+    wait_until(|| {
+        let ls = lab.vx("vm3", &["network", "ls"]);
+        ls.contains("after") && !ls.contains("before")
+    });
+    println!(
+        "FAULT|watch resumed at a compacted revision|daemon re-listed the store and caught up|{} ms",
+        started.elapsed().as_millis()
+    );
+    let log = std::fs::read_to_string(lab.lab.dir().join("logs").join("vm3-daemon.log"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("re-listing"),
+        "no re-list in vm3's log:\n{log}"
+    );
+}
