@@ -93,19 +93,38 @@ pub async fn ensure_endpoint(
         &pair.host_object,
     )
     .await?;
+    configure_container_end(
+        &pair,
+        spec.mtu,
+        &spec.mac,
+        spec.address,
+        spec.default_gateway,
+    )
+    .await
+}
+
+/// The container's end of a veth pair: MTU, MAC, exactly this address, and the default route
+/// through it (or none through it).
+pub(crate) async fn configure_container_end(
+    pair: &VethPair,
+    mtu: u32,
+    mac: &crate::model::Mac,
+    address: ipnet::Ipv4Net,
+    default_gateway: Option<Ipv4Addr>,
+) -> Result<(), DataplaneError> {
     let ch = &pair.container_handle;
     fix_link(
         ch,
         &pair.container,
-        Some(spec.mtu),
+        Some(mtu),
         None,
-        Some(&spec.mac.0),
+        Some(&mac.0),
         &pair.container_object,
     )
     .await?;
     let index = pair.container.header.index;
-    links::ensure_ipv4_address(ch, index, spec.address, &pair.container_object).await?;
-    ensure_default_route(ch, index, spec.default_gateway, &pair.container_object).await
+    links::ensure_ipv4_address(ch, index, address, &pair.container_object).await?;
+    ensure_default_route(ch, index, default_gateway, &pair.container_object).await
 }
 
 /// What a veth pair between a bridge and a container is made of.

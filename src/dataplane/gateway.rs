@@ -13,7 +13,9 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::link::{InfoBridgePort, InfoKind, InfoPortData, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort};
 
-use super::endpoint::{ensure_default_route, ensure_veth_pair, is_veth, validate_ifname, VethEnds};
+use super::endpoint::{
+    configure_container_end, ensure_veth_pair, is_veth, validate_ifname, VethEnds,
+};
 use super::links::{self, call};
 use super::sandbox::{bridge_mac, fix_link};
 use super::DataplaneError;
@@ -196,23 +198,12 @@ pub async fn ensure_gateway_endpoint(
         )
         .await?;
     }
-    let ch = &pair.container_handle;
-    fix_link(
-        ch,
-        &pair.container,
-        Some(spec.mtu),
-        None,
-        Some(&spec.mac.0),
-        &pair.container_object,
-    )
-    .await?;
-    let index = pair.container.header.index;
-    links::ensure_ipv4_address(ch, index, spec.address, &pair.container_object).await?;
-    ensure_default_route(
-        ch,
-        index,
+    configure_container_end(
+        &pair,
+        spec.mtu,
+        &spec.mac,
+        spec.address,
         Some(spec.default_gateway),
-        &pair.container_object,
     )
     .await
 }
