@@ -73,14 +73,6 @@ impl LeaseSource for Membership {
 }
 
 impl Membership {
-    /// Waits until the node is registered, up to `limit`.
-    pub async fn wait_registered(&self, limit: Duration) -> bool {
-        let mut rx = self.registered.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|r| *r))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
     /// The store revision of this node's registration: a view at or past it has seen this
     /// node (and everything registered before it).
     pub fn registered_at(&self) -> i64 {

@@ -152,14 +152,6 @@ pub struct SharedView {
 }
 
 impl SharedView {
-    /// A consistent copy of the current view.
-    pub fn snapshot(&self) -> ClusterView {
-        match self.inner.read() {
-            Ok(v) => v.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
     /// Runs `f` on the current view without copying it.
     pub fn with<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
         match self.inner.read() {
