@@ -26,6 +26,8 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/libmnl/libmnl.h ] || need+=(libmnl-dev)
 command -v nft >/dev/null || need+=(nftables)
 command -v sysctl >/dev/null || need+=(procps)
+# The store-security tests make their certificates with the openssl command.
+command -v openssl >/dev/null || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "vxnet: installing ${need[*]}" >&2
