@@ -7,14 +7,17 @@
 //! a guard unmounts and removes even when the test fails. `ip`, `bridge`, `ss` and `ping`
 //! (run inside the namespaces) are the independent oracle.
 
+#[path = "support/oracle.rs"]
+mod oracle;
+
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::Instant;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use oracle::{assert_same, check, eventually_pings, json, ok, pings, run};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use serde_json::{json, Value};
@@ -60,13 +63,6 @@ struct Lab {
     b: Host,
     // Dropped last (fields drop in order): the hosts' handles go first.
     _guard: RunDirGuard,
-}
-
-fn check<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("{what}: {e}"),
-    }
 }
 
 async fn link_up(h: &Handle, name: &str) {
@@ -157,28 +153,6 @@ fn endpoint(ip: Ipv4Addr) -> EndpointSpec {
 
 // The oracle: iproute2 run inside a namespace.
 
-fn run(ns: &NetNs, args: &[&str]) -> Output {
-    let mut cmd = Command::new(args[0]);
-    cmd.args(&args[1..]);
-    check(ns.command(&mut cmd), "setns for a command");
-    check(cmd.output(), args[0])
-}
-
-fn ok(ns: &NetNs, args: &[&str]) -> String {
-    let out = run(ns, args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(ns: &NetNs, args: &[&str]) -> Value {
-    let text = ok(ns, args);
-    check(serde_json::from_str(&text), &format!("{args:?} JSON"))
-}
-
 /// The settings that matter, per link, as `ip -d -j link` and `ip -j addr` report them;
 /// timers, counters and carrier left out, indexes kept (equal indexes: nothing was
 /// re-created).
@@ -227,13 +201,6 @@ fn snapshot(ns: &NetNs) -> Value {
     Value::Object(out)
 }
 
-fn assert_same(before: &Value, after: &Value, what: &str) {
-    assert!(
-        before == after,
-        "{what} changed:\nbefore: {before:#}\nafter:  {after:#}"
-    );
-}
-
 fn sandbox_ns(host: &Host, name: &str) -> NetNs {
     check(
         NetNs::open(&sandbox_path(&host.run_dir, name)),
@@ -243,17 +210,6 @@ fn sandbox_ns(host: &Host, name: &str) -> NetNs {
 
 fn udp_listeners(ns: &NetNs, port: u16) -> String {
     ok(ns, &["ss", "-Hlun", &format!("sport = :{port}")])
-}
-
-fn pings(ns: &NetNs, ip: Ipv4Addr) -> bool {
-    run(ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])
-        .status
-        .success()
-}
-
-/// Up to three single pings: the first may be spent on ARP, answered by vxlan1's proxy.
-fn eventually_pings(ns: &NetNs, ip: Ipv4Addr) -> bool {
-    (0..3).any(|_| pings(ns, ip))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,14 @@
 //! sandbox (test 3) is bind-mounted under a scratch dir that a guard unmounts. `ip`,
 //! `bridge` and `ping`, run inside the namespaces, are the independent oracle.
 
+#[path = "support/oracle.rs"]
+mod oracle;
+
 use std::net::Ipv4Addr;
-use std::process::{Command, Output};
 use std::time::Instant;
 
 use ipnet::Ipv4Net;
+use oracle::{assert_same, check, eventually_pings, json, ok, pings, run};
 use rtnetlink::{Handle, LinkVeth};
 use serde_json::{json, Value};
 use vxnet::dataplane::{
@@ -26,13 +29,6 @@ use vxnet::netns::NetNs;
 
 const BRIDGE: &str = "vxnet_gwbridge";
 const GW: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
-
-fn check<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("{what}: {e}"),
-    }
-}
 
 fn bridge_spec() -> GatewayBridgeSpec {
     GatewayBridgeSpec {
@@ -74,28 +70,6 @@ fn container() -> NetNs {
 
 // The oracle: iproute2 run inside a namespace.
 
-fn run(ns: &NetNs, args: &[&str]) -> Output {
-    let mut cmd = Command::new(args[0]);
-    cmd.args(&args[1..]);
-    check(ns.command(&mut cmd), "setns for a command");
-    check(cmd.output(), args[0])
-}
-
-fn ok(ns: &NetNs, args: &[&str]) -> String {
-    let out = run(ns, args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(ns: &NetNs, args: &[&str]) -> Value {
-    let text = ok(ns, args);
-    check(serde_json::from_str(&text), &format!("{args:?} JSON"))
-}
-
 /// The settings that matter, per link, as `ip -d -j link` / `ip -j addr` report them
 /// (indexes kept: equal indexes mean nothing was re-created), plus the IPv4 routes.
 fn snapshot(ns: &NetNs) -> Value {
@@ -136,13 +110,6 @@ fn snapshot(ns: &NetNs) -> Value {
     Value::Object(out)
 }
 
-fn assert_same(before: &Value, after: &Value, what: &str) {
-    assert!(
-        before == after,
-        "{what} changed:\nbefore: {before:#}\nafter:  {after:#}"
-    );
-}
-
 fn routes(ns: &NetNs) -> Vec<String> {
     ok(ns, &["ip", "-4", "route", "show"])
         .lines()
@@ -157,18 +124,6 @@ fn defaults(r: &[String]) -> Vec<String> {
         .filter(|l| l.starts_with("default"))
         .map(|l| l.split(" proto").next().unwrap_or(l).to_string())
         .collect()
-}
-
-fn pings(ns: &NetNs, ip: Ipv4Addr) -> bool {
-    run(ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])
-        .status
-        .success()
-}
-
-/// Up to three single pings: the first may be spent on ARP and on the port reaching the
-/// forwarding state.
-fn eventually_pings(ns: &NetNs, ip: Ipv4Addr) -> bool {
-    (0..3).any(|_| pings(ns, ip))
 }
 
 fn bridge_port(ns: &NetNs, dev: &str) -> String {
