@@ -105,17 +105,9 @@ async fn a_containers_exit_removes_its_entries_on_the_other_hosts() {
     assert!(lab.pings("vm2", "watcher", &ip));
 
     // kill -9 the container's process (not through vxnet): the daemon notices by itself.
-    let ps = lab.vx("vm3", &["ps", "--format", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&ps).unwrap();
-    let leaver = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "leaver")
-        .unwrap();
-    let pid = leaver["pid"]
+    let pid = lab.ps_entry("vm3", "leaver")["pid"]
         .as_u64()
-        .unwrap_or_else(|| panic!("no pid: {ps}"))
+        .unwrap()
         .to_string();
     let started = std::time::Instant::now();
     assert!(lab.sh("vm3", &["kill", "-9", &pid]).status.success());
@@ -146,18 +138,7 @@ async fn a_containers_exit_removes_its_entries_on_the_other_hosts() {
             .lines()
             .any(|l| l.contains(" fg ") && l.contains("Up (pid"))
     });
-    let fg_ip = {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.vx("vm3", &["ps", "--format", "json"])).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "fg")
-            .unwrap()["attachments"][0]["ip"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let fg_ip = lab.overlay_ip("vm3", "fg");
     wait_until(|| neigh().contains(&fg_ip));
     cli.kill().unwrap();
     cli.wait().unwrap();

@@ -113,15 +113,27 @@ impl TestLab {
                 "run", "-d", "--name", name, "--net", net, "--", "sleep", "3600",
             ],
         );
+        self.overlay_ip(host, name)
+    }
+
+    /// Container `name` on `host` as `vxnet ps --format json` shows it.
+    pub fn ps_entry(&self, host: &str, name: &str) -> serde_json::Value {
         let ps = self.vx(host, &["ps", "--format", "json"]);
         let v: serde_json::Value = serde_json::from_str(&ps).unwrap();
-        let c = v
-            .as_array()
+        v.as_array()
             .unwrap()
             .iter()
             .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not in ps on {host}: {ps}"));
-        c["attachments"][0]["ip"].as_str().unwrap().to_string()
+            .unwrap_or_else(|| panic!("{name} not running on {host}: {ps}"))
+            .clone()
+    }
+
+    /// The address of container `name`'s first overlay interface.
+    pub fn overlay_ip(&self, host: &str, name: &str) -> String {
+        self.ps_entry(host, name)["attachments"][0]["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Whether container `name` on `host` gets a reply from `ip`.
@@ -163,14 +175,7 @@ impl TestLab {
     /// A container's network namespace, opened from outside its host (through the host's
     /// root: the namespace file lives in the host's private /run).
     pub fn container_ns(&self, host: &str, name: &str) -> vxnet::netns::NetNs {
-        let ps = self.vx(host, &["ps", "--format", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&ps).unwrap();
-        let c = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not running on {host}"));
+        let c = self.ps_entry(host, name);
         let path = format!(
             "/proc/{}/root{}",
             self.lab.host(host).unwrap().init_pid(),
