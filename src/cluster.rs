@@ -486,7 +486,6 @@ impl Cluster {
         }
         let id = Id::random();
         let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
-        let net_key = self.keys.network(&net.id);
 
         let mut lost_races = 0usize;
         let mut known = known;
@@ -539,26 +538,10 @@ impl Cluster {
                 mac: Mac::from_ipv4(ip),
                 created: model::now_rfc3339(),
             };
-            let addr_key = self.keys.addr(&net.id, ip);
+            let cursor = Op::put(self.keys.cursor(&net.id), ip.to_string());
             let outcome = self
-                .store
-                .txn(
-                    vec![
-                        Compare::CreateRevision(net_key.clone(), network.create_revision),
-                        Compare::Absent(addr_key.clone()),
-                    ],
-                    vec![
-                        Op::put_leased(addr_key.clone(), id.as_str(), lease),
-                        Op::put_leased(self.keys.endpoint(&net.id, &id), to_json(&endpoint), lease),
-                        Op::put(self.keys.cursor(&net.id), ip.to_string()),
-                    ],
-                    vec![Op::Get(net_key.clone()), Op::Get(addr_key)],
-                )
-                .await
-                .map_err(|e| match e {
-                    StoreError::LeaseNotFound(_) => Error::NotRegistered,
-                    e => Error::Store(e),
-                })?;
+                .claim_address(network, &endpoint, lease, vec![cursor])
+                .await?;
             if outcome.succeeded {
                 return Ok(Written {
                     value: endpoint,
@@ -624,6 +607,53 @@ impl Cluster {
         Ok(KnownAddresses { taken, cursor })
     }
 
+    /// The writes of an address claim: the address key and the endpoint, both leased.
+    fn claim_puts(&self, network: &StoredNetwork, endpoint: &Endpoint, lease: LeaseId) -> Vec<Op> {
+        let net = &network.network.id;
+        vec![
+            Op::put_leased(
+                self.keys.addr(net, endpoint.ip),
+                endpoint.id.as_str(),
+                lease,
+            ),
+            Op::put_leased(
+                self.keys.endpoint(net, &endpoint.id),
+                to_json(endpoint),
+                lease,
+            ),
+        ]
+    }
+
+    /// Claims `endpoint.ip` for `endpoint` (plus `extra` writes) only while the network is
+    /// the same incarnation and nobody holds the address. When the compares fail, the
+    /// outcome's gets hold the network key and the address key, in that order.
+    async fn claim_address(
+        &self,
+        network: &StoredNetwork,
+        endpoint: &Endpoint,
+        lease: LeaseId,
+        extra: Vec<Op>,
+    ) -> Result<crate::store::TxnOutcome, Error> {
+        let net_key = self.keys.network(&network.network.id);
+        let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
+        let mut puts = self.claim_puts(network, endpoint, lease);
+        puts.extend(extra);
+        self.store
+            .txn(
+                vec![
+                    Compare::CreateRevision(net_key.clone(), network.create_revision),
+                    Compare::Absent(addr_key.clone()),
+                ],
+                puts,
+                vec![Op::Get(net_key), Op::Get(addr_key)],
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::LeaseNotFound(_) => Error::NotRegistered,
+                e => Error::Store(e),
+            })
+    }
+
     /// Claims an existing local endpoint's address again under this node's current lease
     /// (after the old lease expired, or to move it to the new one). Never takes an address
     /// another endpoint holds: that is reported, not overwritten.
@@ -633,27 +663,9 @@ impl Cluster {
         endpoint: &Endpoint,
     ) -> Result<Reclaim, Error> {
         let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
-        let net_key = self.keys.network(&network.network.id);
         let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
-        let ep_key = self.keys.endpoint(&network.network.id, &endpoint.id);
-        let puts = || {
-            vec![
-                Op::put_leased(addr_key.clone(), endpoint.id.as_str(), lease),
-                Op::put_leased(ep_key.clone(), to_json(endpoint), lease),
-            ]
-        };
         for _ in 0..MAX_ATTEMPTS {
-            let outcome = self
-                .store
-                .txn(
-                    vec![
-                        Compare::CreateRevision(net_key.clone(), network.create_revision),
-                        Compare::Absent(addr_key.clone()),
-                    ],
-                    puts(),
-                    vec![Op::Get(net_key.clone()), Op::Get(addr_key.clone())],
-                )
-                .await?;
+            let outcome = self.claim_address(network, endpoint, lease, vec![]).await?;
             if outcome.succeeded {
                 return Ok(Reclaim::Claimed);
             }
@@ -675,7 +687,7 @@ impl Cluster {
                 .store
                 .txn(
                     vec![Compare::ModRevision(addr_key.clone(), addr.mod_revision)],
-                    puts(),
+                    self.claim_puts(network, endpoint, lease),
                     vec![],
                 )
                 .await?;
