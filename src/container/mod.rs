@@ -322,10 +322,14 @@ impl ContainerService {
             // The overlay carries the default route only when there is no gateway bridge.
             let att = self.attach(&record, &ns, &stored, req.ip, internal).await?;
             record.attachments.push(att);
-            self.registry
-                .put(record.clone())
-                .map_err(|e| Error::io("saving container record", e))?;
-            if !internal {
+            // One record write for both interfaces (attach_gateway writes it); a crash before
+            // it leaves a `created` record, which the next start finishes, and an endpoint no
+            // record owns, which it releases.
+            if internal {
+                self.registry
+                    .put(record.clone())
+                    .map_err(|e| Error::io("saving container record", e))?;
+            } else {
                 self.attach_gateway(&mut record, &ns).await?;
             }
             if !record.ports.is_empty() {

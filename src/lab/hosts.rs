@@ -383,8 +383,9 @@ pub struct DownReport {
     pub gone: usize,
     /// Processes that survived SIGKILL ("role PID").
     pub stuck: Vec<String>,
-    /// Processes the lab did not start that were still inside its namespaces (e.g. left by
-    /// `lab exec`): not killed, only reported. The namespaces live until they exit.
+    /// Processes still inside the lab's network namespaces after everything running inside its
+    /// hosts (their mount namespaces) was stopped: entered from outside (e.g. with
+    /// `nsenter`), so not the lab's to kill; only reported. The namespaces live until they exit.
     pub strangers: Vec<u32>,
 }
 
