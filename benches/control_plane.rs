@@ -12,26 +12,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde::Serialize;
-use support::{Machine, Ratio, Summary};
+use support::{Ratio, Summary};
 use vxnet::cluster::{EndpointCreate, NetworkCreate};
 use vxnet::lab::{LocalCluster, LocalClusterOptions};
 use vxnet::store::etcd::{EtcdConfig, EtcdStore};
 use vxnet::store::{Compare, Op, Store};
 
-#[derive(Serialize)]
-struct Result {
-    machine: Machine,
-    summaries: Vec<Summary>,
-    ratios: Vec<Ratio>,
-}
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(bench());
+    support::block_on(bench());
 }
 
 async fn bench() {
@@ -109,15 +97,7 @@ async fn bench() {
         Ratio::of(&summaries[0], &summaries[1]),
         Ratio::of(&summaries[2], &summaries[3]),
     ];
-    support::print_table("control plane", &summaries, &ratios);
-    support::write_result(
-        "control_plane",
-        &Result {
-            machine: Machine::here(),
-            summaries,
-            ratios,
-        },
-    );
+    support::report("control_plane", "control plane", summaries, ratios);
 }
 
 async fn etcd_floors(url: &str, runs: usize) -> (Vec<Duration>, Vec<Duration>) {

@@ -18,25 +18,13 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use support::{Machine, Pinger, Ratio, Summary};
+use support::{Pinger, Ratio, Summary};
 use vxnet::container::CreateRequest;
 use vxnet::lab::{Lab, LabGuard, LabOptions};
 use vxnet::netns::NetNs;
 
-#[derive(Serialize)]
-struct Result {
-    machine: Machine,
-    summaries: Vec<Summary>,
-    ratios: Vec<Ratio>,
-}
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(bench());
+    support::block_on(bench());
 }
 
 async fn bench() {
@@ -169,15 +157,7 @@ async fn bench() {
         ),
     ];
     let ratios = vec![Ratio::of(&summaries[0], &summaries[2])];
-    support::print_table("overlay", &summaries, &ratios);
-    support::write_result(
-        "overlay",
-        &Result {
-            machine: Machine::here(),
-            summaries,
-            ratios,
-        },
-    );
+    support::report("overlay", "overlay", summaries, ratios);
 }
 
 /// Pings `ip` from inside `ns` every millisecond until a reply; returns the time since

@@ -113,6 +113,36 @@ pub fn write_result(name: &str, value: &impl Serialize) {
     }
 }
 
+/// One benchmark's result file: the machine and every figure of the run.
+#[derive(Serialize)]
+struct Report {
+    machine: Machine,
+    summaries: Vec<Summary>,
+    ratios: Vec<Ratio>,
+}
+
+/// Prints the tables and writes `target/bench/<name>.json`.
+pub fn report(name: &str, title: &str, summaries: Vec<Summary>, ratios: Vec<Ratio>) {
+    print_table(title, &summaries, &ratios);
+    write_result(
+        name,
+        &Report {
+            machine: Machine::here(),
+            summaries,
+            ratios,
+        },
+    );
+}
+
+/// Runs a benchmark's async body on a multi-threaded runtime.
+pub fn block_on(body: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(body);
+}
+
 /// Iterations: `VXNET_BENCH_RUNS` or the default.
 pub fn runs(default: usize) -> usize {
     std::env::var("VXNET_BENCH_RUNS")
