@@ -290,6 +290,17 @@ impl Cluster {
         req: NetworkCreate,
         known: Option<KnownNetworks>,
     ) -> Result<Written<Network>, Error> {
+        self.create_network_with_id(req, known, None).await
+    }
+
+    /// `create_network` with the ID chosen by the caller (the Docker plugin gives a global
+    /// network Docker's own network ID, so every host resolves Docker's ID directly).
+    pub async fn create_network_with_id(
+        &self,
+        req: NetworkCreate,
+        known: Option<KnownNetworks>,
+        id: Option<NetworkId>,
+    ) -> Result<Written<Network>, Error> {
         validate_name("network", &req.name)?;
         let driver = req
             .driver
@@ -338,8 +349,17 @@ impl Cluster {
                 Err(_) if from_view => continue,
                 Err(e) => return Err(e),
             };
+            if let Some(id) = &id {
+                if let Some(n) = existing.iter().find(|n| &n.network.id == id) {
+                    return Err(Error::conflict(format!(
+                        "network ID {} already exists (network {})",
+                        id.short(),
+                        n.network.name
+                    )));
+                }
+            }
             let network = Network {
-                id: Id::random(),
+                id: id.clone().unwrap_or_else(Id::random),
                 name: req.name.clone(),
                 driver: driver.clone(),
                 subnet: pool.subnet,
@@ -359,6 +379,7 @@ impl Cluster {
                 .txn(
                     vec![
                         Compare::PrefixUnchangedSince(self.keys.networks(), read_rev),
+                        Compare::Absent(self.keys.network(&network.id)),
                         Compare::Absent(name_key.clone()),
                         Compare::Absent(vni_key.clone()),
                     ],
@@ -475,22 +496,185 @@ impl Cluster {
         req: EndpointCreate,
         known: Option<KnownAddresses>,
     ) -> Result<Written<Endpoint>, Error> {
+        self.create_endpoint_as(network, req, known, None).await
+    }
+
+    /// `create_endpoint` with the endpoint's ID and MAC chosen by the caller (Docker chooses
+    /// both for the containers it runs).
+    pub async fn create_endpoint_as(
+        &self,
+        network: &StoredNetwork,
+        req: EndpointCreate,
+        known: Option<KnownAddresses>,
+        identity: Option<(model::EndpointId, Mac)>,
+    ) -> Result<Written<Endpoint>, Error> {
         let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
-        let net = &network.network;
-        let pool = AddressPool::new(net.subnet, Some(net.gateway), net.ip_range)?;
         if let Some(name) = &req.name {
             validate_name("endpoint", name)?;
         }
-        if let Some(ip) = req.ip {
+        let (id, mac) = match identity {
+            Some((id, mac)) => (id, Some(mac)),
+            None => (Id::random(), None),
+        };
+        let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
+        let created = model::now_rfc3339();
+        let endpoint_at = |ip: Ipv4Addr| Endpoint {
+            id: id.clone(),
+            network_id: network.network.id.clone(),
+            name: name.clone(),
+            node_id: self.node_id.clone(),
+            ip,
+            mac: mac.unwrap_or_else(|| Mac::from_ipv4(ip)),
+            created: created.clone(),
+        };
+        let claimed = self
+            .allocate(network, req.ip, known, &id, |ip| {
+                self.claim_puts(network, &endpoint_at(ip), lease)
+            })
+            .await?;
+        Ok(Written {
+            value: endpoint_at(claimed.value),
+            revision: claimed.revision,
+        })
+    }
+
+    /// Reserves an address for an endpoint that does not exist yet (Docker asks its IPAM
+    /// driver for the address before it creates the endpoint). The claim is held by a fresh
+    /// reservation ID under this node's lease until [`Cluster::adopt_reservation`] hands it
+    /// to the endpoint or [`Cluster::release_reservation`] frees it.
+    pub async fn reserve_address(
+        &self,
+        network: &StoredNetwork,
+        ip: Option<Ipv4Addr>,
+        known: Option<KnownAddresses>,
+    ) -> Result<(Ipv4Addr, Id), Error> {
+        let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
+        let reservation = Id::random();
+        let net = &network.network.id;
+        let claimed = self
+            .allocate(network, ip, known, &reservation, |ip| {
+                vec![Op::put_leased(
+                    self.keys.addr(net, ip),
+                    reservation.as_str(),
+                    lease,
+                )]
+            })
+            .await?;
+        Ok((claimed.value, reservation))
+    }
+
+    /// Turns a reservation into `endpoint` (same address) in one transaction: the address
+    /// must still be held by `reservation`.
+    pub async fn adopt_reservation(
+        &self,
+        network: &StoredNetwork,
+        reservation: &Id,
+        endpoint: &Endpoint,
+    ) -> Result<Written<Endpoint>, Error> {
+        let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
+        let net_key = self.keys.network(&network.network.id);
+        let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
+        for _ in 0..MAX_ATTEMPTS {
+            let held = self.store.get(&addr_key).await?;
+            let revision = match held {
+                Some(kv) if kv.value == reservation.as_str().as_bytes() => kv.mod_revision,
+                // An earlier try that timed out was applied after all.
+                Some(kv) if kv.value == endpoint.id.as_str().as_bytes() => {
+                    return Ok(Written {
+                        value: endpoint.clone(),
+                        revision: kv.mod_revision,
+                    })
+                }
+                _ => {
+                    return Err(Error::conflict(format!(
+                        "address {} on network {} is no longer reserved for this endpoint \
+                         (its reservation expired or was released): request a new address",
+                        endpoint.ip, network.network.name
+                    )))
+                }
+            };
+            let outcome = self
+                .store
+                .txn(
+                    vec![
+                        Compare::CreateRevision(net_key.clone(), network.create_revision),
+                        Compare::ModRevision(addr_key.clone(), revision),
+                    ],
+                    self.claim_puts(network, endpoint, lease),
+                    vec![Op::Get(net_key.clone())],
+                )
+                .await
+                .map_err(|e| match e {
+                    StoreError::LeaseNotFound(_) => Error::NotRegistered,
+                    e => Error::Store(e),
+                })?;
+            if outcome.succeeded {
+                return Ok(Written {
+                    value: endpoint.clone(),
+                    revision: outcome.revision,
+                });
+            }
+            if !matches!(outcome.gets.first(), Some(Some(kv)) if kv.create_revision == network.create_revision)
+            {
+                return Err(Error::NetworkNotFound(network.network.name.clone()));
+            }
+        }
+        Err(Error::Contention(format!("adopting {}", endpoint.ip)))
+    }
+
+    /// Frees an address still held by `reservation`. Whatever else holds it (an endpoint
+    /// that adopted it, or another owner after the reservation expired) is left alone.
+    /// Whether the reservation was released.
+    pub async fn release_reservation(
+        &self,
+        net: &NetworkId,
+        ip: Ipv4Addr,
+        reservation: &Id,
+    ) -> Result<bool, Error> {
+        let addr_key = self.keys.addr(net, ip);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self.store.get(&addr_key).await? else {
+                return Ok(false);
+            };
+            if kv.value != reservation.as_str().as_bytes() {
+                return Ok(false);
+            }
+            let outcome = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(addr_key.clone(), kv.mod_revision)],
+                    vec![Op::Delete(addr_key.clone())],
+                    vec![],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(Error::Contention(format!("releasing {ip}")))
+    }
+
+    /// Claims an address on `network` for `owner`: `requested`, or the next free one (racing
+    /// every other host; a lost race re-reads and tries again). `claim` gives the writes that
+    /// hold address `ip` (the address key, valued `owner`, first); the allocation cursor
+    /// follows on dynamic picks. Returns the address and the revision that made it visible.
+    async fn allocate(
+        &self,
+        network: &StoredNetwork,
+        requested: Option<Ipv4Addr>,
+        known: Option<KnownAddresses>,
+        owner: &Id,
+        claim: impl Fn(Ipv4Addr) -> Vec<Op>,
+    ) -> Result<Written<Ipv4Addr>, Error> {
+        let net = &network.network;
+        let pool = AddressPool::new(net.subnet, Some(net.gateway), net.ip_range)?;
+        if let Some(ip) = requested {
             pool.check_requested(ip)?;
         }
-        let id = Id::random();
-        let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
-
         let mut lost_races = 0usize;
         let mut known = known;
         for _ in 0..MAX_ALLOCATION_ATTEMPTS {
-            let ip = match req.ip {
+            let ip = match requested {
                 Some(ip) => ip,
                 None => {
                     // The caller's view on the first attempt; after that read fresh: after a
@@ -529,38 +713,30 @@ impl Cluster {
                 }
             };
             let _reservation = self.reserve(&net.id, ip);
-            let endpoint = Endpoint {
-                id: id.clone(),
-                network_id: net.id.clone(),
-                name: name.clone(),
-                node_id: self.node_id.clone(),
-                ip,
-                mac: Mac::from_ipv4(ip),
-                created: model::now_rfc3339(),
-            };
-            let cursor = Op::put(self.keys.cursor(&net.id), ip.to_string());
-            let outcome = self
-                .claim_address(network, &endpoint, lease, vec![cursor])
-                .await?;
+            let mut puts = claim(ip);
+            if requested.is_none() {
+                puts.push(Op::put(self.keys.cursor(&net.id), ip.to_string()));
+            }
+            let outcome = self.claim_address(network, ip, puts).await?;
             if outcome.succeeded {
                 return Ok(Written {
-                    value: endpoint,
+                    value: ip,
                     revision: outcome.revision,
                 });
             }
             match (outcome.gets.first(), outcome.gets.get(1)) {
-                // The address held by this very endpoint: an earlier try that timed out was
+                // The address held by this very owner: an earlier try that timed out was
                 // applied after all.
-                (_, Some(Some(addr))) if addr.value == id.as_str().as_bytes() => {
+                (_, Some(Some(addr))) if addr.value == owner.as_str().as_bytes() => {
                     return Ok(Written {
-                        value: endpoint,
+                        value: ip,
                         revision: addr.mod_revision,
                     });
                 }
                 (Some(Some(kv)), _) if kv.create_revision == network.create_revision => {}
                 _ => return Err(Error::NetworkNotFound(net.name.clone())),
             }
-            if req.ip.is_some() {
+            if requested.is_some() {
                 return Err(Error::AddressInUse {
                     ip,
                     network: net.name.clone(),
@@ -624,20 +800,17 @@ impl Cluster {
         ]
     }
 
-    /// Claims `endpoint.ip` for `endpoint` (plus `extra` writes) only while the network is
-    /// the same incarnation and nobody holds the address. When the compares fail, the
-    /// outcome's gets hold the network key and the address key, in that order.
+    /// Makes the writes `puts` (which claim `ip`) only while the network is the same
+    /// incarnation and nobody holds the address. When the compares fail, the outcome's gets
+    /// hold the network key and the address key, in that order.
     async fn claim_address(
         &self,
         network: &StoredNetwork,
-        endpoint: &Endpoint,
-        lease: LeaseId,
-        extra: Vec<Op>,
+        ip: Ipv4Addr,
+        puts: Vec<Op>,
     ) -> Result<crate::store::TxnOutcome, Error> {
         let net_key = self.keys.network(&network.network.id);
-        let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
-        let mut puts = self.claim_puts(network, endpoint, lease);
-        puts.extend(extra);
+        let addr_key = self.keys.addr(&network.network.id, ip);
         self.store
             .txn(
                 vec![
@@ -665,7 +838,13 @@ impl Cluster {
         let lease = self.lease.current_lease().ok_or(Error::NotRegistered)?;
         let addr_key = self.keys.addr(&network.network.id, endpoint.ip);
         for _ in 0..MAX_ATTEMPTS {
-            let outcome = self.claim_address(network, endpoint, lease, vec![]).await?;
+            let outcome = self
+                .claim_address(
+                    network,
+                    endpoint.ip,
+                    self.claim_puts(network, endpoint, lease),
+                )
+                .await?;
             if outcome.succeeded {
                 return Ok(Reclaim::Claimed);
             }
