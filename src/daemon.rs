@@ -17,6 +17,7 @@ use crate::api::server::{router, ApiState};
 use crate::cluster::Cluster;
 use crate::container::record::Registry;
 use crate::container::ContainerService;
+use crate::docker::{DockerPlugin, PluginState};
 use crate::model::{self, Node};
 use crate::node::{load_or_create_node_id, spawn_membership};
 use crate::reconcile::{GatewayConfig, LocalHost, Reconciler};
@@ -43,6 +44,8 @@ pub struct DaemonConfig {
     pub gateway_subnet: ipnet::Ipv4Net,
     /// The group that may use the API socket besides root (mode 0660, owner root).
     pub socket_group: Option<String>,
+    /// Serve Docker's network and IPAM plugin protocols (`--docker-plugin`).
+    pub docker_plugin: Option<crate::docker::PluginConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,21 +138,28 @@ pub async fn run(
     tokio::spawn(connection);
     let containers_dir = config.state_dir.join("containers");
     let registry = Arc::new(Registry::load(&containers_dir).map_err(io_err(&containers_dir))?);
-    let reconciler = Arc::new(Reconciler::new(
-        host_netlink,
-        LocalHost {
-            run_dir: config.run_dir.clone(),
-            advertise: config.advertise_addr,
-            node_id,
-            gateway: GatewayConfig {
-                bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
-                subnet: config.gateway_subnet,
+    // Loaded even with the plugin off: ports made for Docker containers in an earlier run
+    // must not be swept as strays.
+    let plugin_dir = config.state_dir.join("docker");
+    let plugin_state = Arc::new(PluginState::load(&plugin_dir).map_err(io_err(&plugin_dir))?);
+    let reconciler = Arc::new(
+        Reconciler::new(
+            host_netlink,
+            LocalHost {
+                run_dir: config.run_dir.clone(),
+                advertise: config.advertise_addr,
+                node_id,
+                gateway: GatewayConfig {
+                    bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
+                    subnet: config.gateway_subnet,
+                },
             },
-        },
-        view.clone(),
-        registry.clone(),
-        Arc::new(crate::firewall::Nftables),
-    ));
+            view.clone(),
+            registry.clone(),
+            Arc::new(crate::firewall::Nftables),
+        )
+        .with_plugin_ports(plugin_state.clone()),
+    );
     let containers = ContainerService::new(
         cluster.clone(),
         view.clone(),
@@ -157,6 +167,27 @@ pub async fn run(
         registry,
         config.run_dir.clone(),
     );
+    let (plugin, plugin_server) = match &config.docker_plugin {
+        Some(pc) => {
+            let plugin = Arc::new(
+                DockerPlugin::new(
+                    pc.scope,
+                    cluster.clone(),
+                    view.clone(),
+                    reconciler.clone(),
+                    plugin_state.clone(),
+                )
+                .map_err(io_err(Path::new("/proc/self/ns/net")))?,
+            );
+            let listener = bind_socket(&pc.socket, None).await?;
+            tracing::info!(socket = %pc.socket.display(), scope = %pc.scope,
+                "serving Docker's network and IPAM plugin protocols");
+            let app = crate::docker::server::router(plugin.clone());
+            let server = tokio::spawn(async move { axum::serve(listener, app).await });
+            (Some(plugin), Some(server))
+        }
+        None => (None, None),
+    };
     tokio::spawn(reconciler.clone().run());
     tokio::spawn(start_up_resync(
         view.clone(),
@@ -164,6 +195,8 @@ pub async fn run(
         reconciler.clone(),
         node.started.clone(),
         membership.clone(),
+        plugin_state.clone(),
+        plugin,
     ));
     let firewall_owner = reconciler.clone();
     let app = router(Arc::new(ApiState {
@@ -184,6 +217,10 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    if let (Some(server), Some(pc)) = (plugin_server, &config.docker_plugin) {
+        server.abort();
+        let _ = std::fs::remove_file(&pc.socket);
+    }
     // A clean stop leaves no rule of ours behind (a restart programs them again).
     if let Err(e) = firewall_owner.remove_firewall().await {
         tracing::warn!(error = %e, "cannot remove vxnet's nftables table");
@@ -201,9 +238,13 @@ async fn start_up_resync(
     reconciler: Arc<Reconciler>,
     started: String,
     membership: Arc<crate::node::Membership>,
+    plugin_state: Arc<PluginState>,
+    plugin: Option<Arc<DockerPlugin>>,
 ) {
     while !view.wait_for(1, Duration::from_secs(3600)).await {}
-    containers.recover(&started).await;
+    containers
+        .recover(&started, &DockerPlugin::owned_endpoints(&plugin_state))
+        .await;
     // From now on, every new lease (the first, and any after an expiry) re-claims this host's
     // endpoints under it.
     let mut leases = membership.leases();
@@ -212,6 +253,9 @@ async fn start_up_resync(
         loop {
             if leases.borrow_and_update().is_some() {
                 reclaimer.reclaim_all().await;
+                if let Some(plugin) = &plugin {
+                    plugin.reclaim_all().await;
+                }
             }
             if leases.changed().await.is_err() {
                 return;

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod container;
 pub mod daemon;
 pub mod dataplane;
+pub mod docker;
 pub mod error;
 pub mod firewall;
 pub mod format;

@@ -83,6 +83,13 @@ pub struct ResyncReport {
     pub published_ports: usize,
 }
 
+/// Sandbox ports this host keeps for containers that vxnet's own records do not list (the
+/// Docker plugin's): the reconciler never removes them as strays, and keeps their sandboxes.
+pub trait PluginPorts: Send + Sync {
+    /// (network, sandbox-side veth name) of every such port that should exist now.
+    fn ports(&self) -> Vec<(NetworkId, String)>;
+}
+
 struct Programmed {
     sandbox: Sandbox,
     peers: BTreeSet<Peer>,
@@ -107,6 +114,7 @@ pub struct Reconciler {
     /// may not list its interface yet while its `run` is finishing).
     gateway_endpoints: std::sync::Mutex<HashSet<String>>,
     firewall: Arc<dyn Firewall>,
+    plugin_ports: Option<Arc<dyn PluginPorts>>,
 }
 
 impl Reconciler {
@@ -130,7 +138,25 @@ impl Reconciler {
             gateway_bridge: Mutex::new(None),
             gateway_endpoints: std::sync::Mutex::new(HashSet::new()),
             firewall,
+            plugin_ports: None,
         }
+    }
+
+    /// Keeps `ports` (and their sandboxes) through resyncs and detaches.
+    pub fn with_plugin_ports(mut self, ports: Arc<dyn PluginPorts>) -> Self {
+        self.plugin_ports = Some(ports);
+        self
+    }
+
+    /// The plugin's ports, by network.
+    fn plugin_ports(&self) -> HashMap<NetworkId, Vec<String>> {
+        let mut out: HashMap<NetworkId, Vec<String>> = HashMap::new();
+        if let Some(p) = &self.plugin_ports {
+            for (net, name) in p.ports() {
+                out.entry(net).or_default().push(name);
+            }
+        }
+        out
     }
 
     pub fn gateway_config(&self) -> &GatewayConfig {
@@ -388,20 +414,52 @@ impl Reconciler {
 
     /// Removes one container interface; removes the sandbox when it served the last one.
     pub async fn detach(&self, att: &Attachment) -> Result<(), Error> {
+        self.remove_port(&att.network_id, &att.host_ifname()).await
+    }
+
+    /// Makes a hand-off port for a container another runtime runs (see
+    /// [`dataplane::HandoffSpec`]): the network's sandbox (made if missing) and a veth whose
+    /// sandbox end is on br0 and whose other end waits in this host's namespace.
+    pub async fn attach_handoff(
+        &self,
+        runtime: &NetNs,
+        net: &Network,
+        spec: &dataplane::HandoffSpec,
+    ) -> Result<(), Error> {
         let mut state = self.state.lock().await;
-        let last = match state.get_mut(&att.network_id) {
+        let programmed = self.ensure_programmed(&mut state, net).await?;
+        programmed.endpoints.insert(spec.sandbox_ifname.clone());
+        dataplane::ensure_handoff_endpoint(&programmed.sandbox, runtime, spec).await?;
+        Ok(())
+    }
+
+    /// Removes a hand-off port; removes the sandbox when it served the last one.
+    pub async fn detach_handoff(&self, net: &NetworkId, sandbox_ifname: &str) -> Result<(), Error> {
+        self.remove_port(net, sandbox_ifname).await
+    }
+
+    async fn remove_port(&self, net: &NetworkId, sandbox_ifname: &str) -> Result<(), Error> {
+        let mut state = self.state.lock().await;
+        let last = match state.get_mut(net) {
             Some(p) => {
-                dataplane::remove_endpoint(&p.sandbox, &att.host_ifname()).await?;
-                p.endpoints.remove(&att.host_ifname());
+                dataplane::remove_endpoint(&p.sandbox, sandbox_ifname).await?;
+                p.endpoints.remove(sandbox_ifname);
                 p.endpoints.is_empty()
             }
-            // Not programmed in this run (e.g. after a restart before a resync): the sandbox
-            // may still exist on disk; remove it only if nothing else here uses it.
-            None => !self.local_attachments().contains_key(&att.network_id),
+            // Not programmed in this run (a restart, before the start-up resync): the sandbox
+            // may still exist on disk; remove it only if nothing else here uses it (else that
+            // resync sweeps the port as a stray).
+            None => {
+                let others = self
+                    .plugin_ports()
+                    .get(net)
+                    .is_some_and(|ports| ports.iter().any(|p| p != sandbox_ifname));
+                !(self.local_attachments().contains_key(net) || others)
+            }
         };
         if last {
-            state.remove(&att.network_id);
-            dataplane::remove_sandbox(&self.run_dir, &sandbox_name(&att.network_id)).await?;
+            state.remove(net);
+            dataplane::remove_sandbox(&self.run_dir, &sandbox_name(net)).await?;
         }
         Ok(())
     }
@@ -437,7 +495,11 @@ impl Reconciler {
     pub async fn resync(&self) -> Result<ResyncReport, Error> {
         let mut report = ResyncReport::default();
         let mut state = self.state.lock().await;
-        let local = self.local_attachments();
+        let mut local = self.local_attachments();
+        let plugin = self.plugin_ports();
+        for net in plugin.keys() {
+            local.entry(net.clone()).or_default();
+        }
         let networks: HashMap<NetworkId, Network> = self.view.with(|v| {
             v.networks
                 .iter()
@@ -485,6 +547,9 @@ impl Reconciler {
                         "container namespace missing; its interface cannot be repaired"),
                 }
             }
+            // The plugin's ports are kept as they are: their other ends belong to containers
+            // of another runtime, so there is nothing here to repair them from.
+            ours.extend(plugin.get(net_id).into_iter().flatten().cloned());
             for link in dataplane::list_endpoint_links(&sandbox).await? {
                 if !ours.contains(&link) {
                     dataplane::remove_endpoint(&sandbox, &link).await?;

@@ -50,6 +50,16 @@ pub struct DaemonArgs {
     /// Let this group use the API socket too (it is root-only, mode 0660, otherwise).
     #[arg(long)]
     socket_group: Option<String>,
+    /// Serve Docker's network and IPAM plugin protocols: `docker network create -d vxnet`.
+    #[arg(long)]
+    docker_plugin: bool,
+    /// Where the plugin listens (Docker finds plugins by socket in /run/docker/plugins).
+    #[arg(long, default_value = crate::docker::DEFAULT_SOCKET, requires = "docker_plugin")]
+    docker_plugin_socket: PathBuf,
+    /// The Docker engines' kind: local (no --cluster-store: run `docker network create` on
+    /// every host) or global (engines started with --cluster-store: create once).
+    #[arg(long, default_value = "local", requires = "docker_plugin")]
+    docker_scope: crate::docker::Scope,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -92,6 +102,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         store_opts: args.cluster_store_opt,
         gateway_subnet: args.gateway_bridge_subnet,
         socket_group: args.socket_group,
+        docker_plugin: args.docker_plugin.then_some(crate::docker::PluginConfig {
+            socket: args.docker_plugin_socket,
+            scope: args.docker_scope,
+        }),
     };
     crate::daemon::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -642,9 +642,14 @@ impl ContainerService {
     ///
     /// Then releases this node's endpoints that no container here owns and that predate
     /// `started` (this daemon's start): what a crash between claiming an address and
-    /// recording it leaves behind. (Endpoints made through the raw endpoint API have no local
-    /// owner either, so they too are released when their daemon restarts.)
-    pub async fn recover(self: &Arc<Self>, started: &str) {
+    /// recording it leaves behind. `also_owned` are endpoints owned by something else on this
+    /// host (Docker's containers, through the plugin). (Endpoints made through the raw
+    /// endpoint API have no local owner, so they are released when their daemon restarts.)
+    pub async fn recover(
+        self: &Arc<Self>,
+        started: &str,
+        also_owned: &std::collections::HashSet<model::EndpointId>,
+    ) {
         for record in self.registry.list() {
             match record.state {
                 ContainerState::Running { pid, start_time } => {
@@ -663,6 +668,7 @@ impl ContainerService {
             .list()
             .iter()
             .flat_map(|r| r.attachments.iter().map(|a| a.endpoint_id.clone()))
+            .chain(also_owned.iter().cloned())
             .collect();
         let me = self.cluster.node_id().clone();
         let orphans: Vec<(model::NetworkId, model::EndpointId)> = self.view.with(|v| {

@@ -103,6 +103,48 @@ pub async fn ensure_endpoint(
     .await
 }
 
+/// A port for a container another runtime runs (Docker, through the plugin): the veth's
+/// sandbox end on br0, its other end left in the runtime's namespace (this host's) under
+/// `runtime_ifname` with the MAC and MTU set, for the runtime to move into its container,
+/// rename and address itself.
+#[derive(Clone, Debug)]
+pub struct HandoffSpec {
+    pub sandbox_ifname: String,
+    pub runtime_ifname: String,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// Gets or creates a hand-off port. Only for the moment of hand-over: once the runtime has
+/// moved its end away, running this again would see an unpaired sandbox end and rebuild it.
+pub async fn ensure_handoff_endpoint(
+    sandbox: &Sandbox,
+    runtime: &NetNs,
+    spec: &HandoffSpec,
+) -> Result<(), DataplaneError> {
+    let sb = sandbox.handle();
+    let label = format!("sandbox {}", sandbox.name());
+    let ends = VethEnds {
+        host_ifname: &spec.sandbox_ifname,
+        container_ifname: &spec.runtime_ifname,
+        mac: spec.mac,
+        mtu: spec.mtu,
+    };
+    let pair = ensure_veth_pair(sb, &label, sandbox.bridge_index(), runtime, &ends, true).await?;
+    fix_link(
+        sb,
+        &pair.host,
+        Some(spec.mtu),
+        Some(sandbox.bridge_index()),
+        None,
+        &pair.host_object,
+    )
+    .await?;
+    // The runtime's end was made with its MAC and MTU and is left down: the runtime renames
+    // it inside the container, which needs it down.
+    Ok(())
+}
+
 /// The container's end of a veth pair: MTU, MAC, exactly this address, and the default route
 /// through it (or none through it).
 pub(crate) async fn configure_container_end(

@@ -20,7 +20,10 @@ mod sandbox;
 use std::io;
 use std::time::Duration;
 
-pub use endpoint::{ensure_endpoint, list_endpoint_links, remove_endpoint, EndpointSpec};
+pub use endpoint::{
+    ensure_endpoint, ensure_handoff_endpoint, list_endpoint_links, remove_endpoint, EndpointSpec,
+    HandoffSpec,
+};
 pub use gateway::{
     enable_ipv4_forwarding, ensure_gateway_bridge, ensure_gateway_endpoint, list_gateway_endpoints,
     remove_gateway_bridge, remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,

@@ -102,6 +102,9 @@ pub struct LabOptions {
     /// etcd members on vm1 (1, 3 or 5): one cluster on vm1's address, member K on client port
     /// 2379 + K·100 and peer port 2380 + K·100; the daemons are given every member.
     pub etcd_members: usize,
+    /// The daemons serve Docker's plugin protocols (at the host's
+    /// /run/docker/plugins/vxnet.sock) for engines of this kind.
+    pub docker_scope: crate::docker::Scope,
 }
 
 impl LabOptions {
@@ -115,6 +118,7 @@ impl LabOptions {
             private_dirs: DEFAULT_PRIVATE_DIRS.iter().map(PathBuf::from).collect(),
             ready_timeout: Duration::from_secs(30),
             etcd_members: 1,
+            docker_scope: crate::docker::Scope::Local,
         }
     }
 
@@ -1261,6 +1265,9 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
             .arg(&store)
             .arg("--cluster-advertise")
             .arg(addr.to_string())
+            .arg("--docker-plugin")
+            .arg("--docker-scope")
+            .arg(opts.docker_scope.as_str())
             .env(
                 "RUST_LOG",
                 std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
