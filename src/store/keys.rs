@@ -8,7 +8,7 @@
 //! | `network-names/<name>`                | network ID       | none       |
 //! | `vnis/<vni>`                          | network ID       | none       |
 //! | `endpoints/<network-id>/<endpoint-id>`| `Endpoint` JSON  | the node's |
-//! | `ipam/<network-id>/addrs/<ip>`        | endpoint ID      | the node's |
+//! | `ipam/<network-id>/addrs/<ip>`        | endpoint or reservation ID | the node's |
 //! | `ipam/<network-id>/cursor`            | last given IP    | none       |
 //!
 //! Endpoints and their address claims carry the lease of the node that owns them, so a host
