@@ -15,7 +15,7 @@
 //!   on Docker's bridge networks (docker0, docker_gwbridge) get no NAT to the outside, and
 //!   `docker run` warns "IPv4 forwarding is disabled". Container to container traffic, on a
 //!   bridge or across hosts on an overlay, does not need either.
-//! - `--exec-opt native.cgroupdriver=cgroupfs --cgroup-parent /vxnet-lab/LAB/HOST`: cgroups
+//! - `--exec-opt native.cgroupdriver=cgroupfs --cgroup-parent /vxnet-lab-LAB-HOST`: cgroups
 //!   are the one thing not private to a host (the host's `/sys/fs/cgroup` is the machine's
 //!   hierarchies, bound in, with no cgroup namespace). Each host's containers get their own
 //!   subtree, which is also how `lab down` finds their processes (they run in mount
@@ -53,8 +53,10 @@ pub const ROLE: &str = "dockerd";
 const EXEC_ROOT: &str = "/run/docker";
 const PIDFILE: &str = "/run/docker.pid";
 const DATA_ROOT: &str = "/var/lib/docker";
-/// Parent of every lab's container cgroups, in each of the machine's hierarchies.
-const CGROUP_PARENT: &str = "vxnet-lab";
+/// Prefix of the cgroup of a host's containers (`/vxnet-lab-LAB-HOST`, one flat directory
+/// per host in each hierarchy: removing it never races with another host or lab creating
+/// its own). Unique per lab and host, as host names are `vm` and digits.
+const CGROUP_PREFIX: &str = "vxnet-lab";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// How [`Lab::start_docker`] starts dockerd.
@@ -111,7 +113,7 @@ impl Host {
 }
 
 fn cgroup_parent(lab: &str, host: &str) -> String {
-    format!("/{CGROUP_PARENT}/{lab}/{host}")
+    format!("/{CGROUP_PREFIX}-{lab}-{host}")
 }
 
 /// Runs a prepared docker command and fails with its output when it fails.
@@ -298,7 +300,7 @@ impl Lab {
             .filter(|p| p.role == ROLE)
             .cloned()
             .collect();
-        let mut stuck = stop_containers(self.name(), Some(host)).stuck;
+        let mut stuck = stop_containers(self.name(), &[host]).stuck;
         let refs: Vec<&ProcRecord> = recs.iter().collect();
         let out = sys::stop(&refs, Duration::from_secs(15));
         stuck.extend(out.stuck);
@@ -315,7 +317,7 @@ impl Lab {
             let refs: Vec<&ProcRecord> = leftovers.iter().collect();
             stuck.extend(sys::stop(&refs, Duration::from_secs(5)).stuck);
         }
-        remove_cgroups(self.name(), Some(host));
+        remove_cgroups(self.name(), &[host]);
         if !stuck.is_empty() {
             return Err(LabError::ProcessFailed {
                 what: format!("stopping Docker on {host}"),
@@ -499,14 +501,9 @@ fn hierarchies() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The container cgroups of a lab (or of one host of it), in every hierarchy, each listed
-/// before its parent.
-fn cgroup_dirs(lab: &str, host: Option<&str>) -> Vec<PathBuf> {
-    let rel = match host {
-        Some(h) => cgroup_parent(lab, h),
-        None => format!("/{CGROUP_PARENT}/{lab}"),
-    };
-    let mut out = Vec::new();
+/// The container cgroups of `hosts` of `lab`, in every hierarchy, each listed before its
+/// parent.
+fn cgroup_dirs(lab: &str, hosts: &[&str]) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.filter_map(|e| e.ok()) {
@@ -517,19 +514,22 @@ fn cgroup_dirs(lab: &str, host: Option<&str>) -> Vec<PathBuf> {
         }
         out.push(dir.to_path_buf());
     }
+    let mut out = Vec::new();
     for h in hierarchies() {
-        let top = h.join(rel.trim_start_matches('/'));
-        if top.is_dir() {
-            walk(&top, &mut out);
+        for host in hosts {
+            let top = h.join(cgroup_parent(lab, host).trim_start_matches('/'));
+            if top.is_dir() {
+                walk(&top, &mut out);
+            }
         }
     }
     out
 }
 
-/// Kills (SIGKILL) every process in the container cgroups of `lab` (or of its host `host`).
-pub fn stop_containers(lab: &str, host: Option<&str>) -> StopOutcome {
+/// Kills (SIGKILL) every process in the container cgroups of `hosts` of `lab`.
+pub fn stop_containers(lab: &str, hosts: &[&str]) -> StopOutcome {
     let mut pids = BTreeSet::new();
-    for d in cgroup_dirs(lab, host) {
+    for d in cgroup_dirs(lab, hosts) {
         if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
@@ -551,28 +551,31 @@ pub fn stop_containers(lab: &str, host: Option<&str>) -> StopOutcome {
     sys::stop_with(&refs, libc::SIGKILL, Duration::from_secs(5))
 }
 
-/// [`stop_containers`] for `lab down` (only labs where a dockerd was recorded).
-pub(super) fn stop_containers_of_lab(state: &LabState) -> StopOutcome {
-    let had_docker = state
+/// The hosts of a lab on which a dockerd was recorded.
+fn docker_hosts(state: &LabState) -> Vec<&str> {
+    state
         .hosts
         .iter()
-        .any(|h| h.processes.iter().any(|p| p.role == ROLE));
-    if !had_docker {
-        return StopOutcome::default();
-    }
-    stop_containers(&state.name, None)
+        .filter(|h| h.processes.iter().any(|p| p.role == ROLE))
+        .map(|h| h.name.as_str())
+        .collect()
 }
 
-/// Removes the (empty) container cgroups of `lab` (or of its host `host`), and
-/// `/vxnet-lab` itself when no other lab uses it. Best effort: a cgroup that still holds a
-/// process stays.
-pub fn remove_cgroups(lab: &str, host: Option<&str>) {
-    for d in cgroup_dirs(lab, host) {
+/// [`stop_containers`] for `lab down`.
+pub(super) fn stop_containers_of_lab(state: &LabState) -> StopOutcome {
+    stop_containers(&state.name, &docker_hosts(state))
+}
+
+/// [`remove_cgroups`] for `lab down`.
+pub(super) fn remove_cgroups_of_lab(state: &LabState) {
+    remove_cgroups(&state.name, &docker_hosts(state))
+}
+
+/// Removes the (empty) container cgroups of `hosts` of `lab`. Best effort: a cgroup that
+/// still holds a process stays.
+pub fn remove_cgroups(lab: &str, hosts: &[&str]) {
+    for d in cgroup_dirs(lab, hosts) {
         let _ = std::fs::remove_dir(&d);
-    }
-    for h in hierarchies() {
-        let _ = std::fs::remove_dir(h.join(CGROUP_PARENT).join(lab));
-        let _ = std::fs::remove_dir(h.join(CGROUP_PARENT));
     }
 }
 

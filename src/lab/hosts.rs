@@ -1509,7 +1509,7 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         Err(e) => return Err(LabError::io(dir, e)),
     }
     if let Some(state) = &state {
-        super::docker::remove_cgroups(&state.name, None);
+        super::docker::remove_cgroups_of_lab(state);
     }
     report.strangers = sys::processes_in_netns(&inodes);
     Ok(report)
