@@ -292,9 +292,7 @@ impl Lab {
     pub fn stop_docker(&self, host: &str) -> Result<bool, LabError> {
         let i = self.docker_host(host)?;
         let h = &self.hosts()[i];
-        let _lock = LabState::lock(self.dir())?;
-        let mut state = self.current_state()?;
-        let recs: Vec<ProcRecord> = state.hosts[i]
+        let recs: Vec<ProcRecord> = self.current_state()?.hosts[i]
             .processes
             .iter()
             .filter(|p| p.role == ROLE)
@@ -324,7 +322,10 @@ impl Lab {
                 detail: format!("still running after SIGKILL: {}", stuck.join(", ")),
             });
         }
-        state.hosts[i].processes.retain(|p| p.role != ROLE);
+        // Only the records stopped here go: a dockerd started meanwhile keeps its own.
+        let _lock = LabState::lock(self.dir())?;
+        let mut state = self.current_state()?;
+        state.hosts[i].processes.retain(|p| !recs.contains(p));
         state.save()?;
         Ok(out.stopped > 0)
     }

@@ -7,7 +7,8 @@
 //! netns/switch             network namespace holding bridge br0 (the seed's private network)
 //! netns/vm1 … netns/vmN    each host's network namespace: lo, eth0 = 192.0.2.(4+K)/24
 //! hosts/vmK/fs/…           each host's private directories (/var/lib/vxnet, …)
-//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log
+//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log, vmK-dockerd.log (`lab docker`)
+//! docker/vxnet-bb.tar      the test image's root filesystem (`lab docker`)
 //! ```
 //!
 //! Each host is held by a `vxnet lab host-init` process (see `host_init.rs`) that owns the
@@ -239,7 +240,7 @@ pub struct HostState {
     pub netns: PathBuf,
     /// The host's init (namespace holder).
     pub init: Option<ProcRecord>,
-    /// etcd (vm1) or the daemon (vm2…).
+    /// etcd (vm1) or the daemon (vm2…), and dockerd once `lab docker` started it.
     pub processes: Vec<ProcRecord>,
 }
 
