@@ -28,6 +28,12 @@ command -v nft >/dev/null || need+=(nftables)
 command -v sysctl >/dev/null || need+=(procps)
 # The store-security tests make their certificates with the openssl command.
 command -v openssl >/dev/null || need+=(openssl)
+# `vxnet lab docker`: a Docker engine (20.10, with the legacy --cluster-store mode) inside lab
+# hosts, and a static busybox for its test image. dockerd looks for iptables at start.
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v iptables >/dev/null || need+=(iptables)
+# (Debian's plain busybox package is dynamically linked: no use in an image without a libc.)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "vxnet: installing ${need[*]}" >&2

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 
 use crate::lab::host_init::{self, HostInit};
 use crate::lab::hosts::{DEFAULT_HOSTS, DEFAULT_NAME, DEFAULT_UNDERLAY};
-use crate::lab::{Lab, LabOptions};
+use crate::lab::{DockerOptions, Lab, LabOptions, TEST_IMAGE};
 
 #[derive(Subcommand, Debug)]
 pub enum LabCommand {
@@ -66,6 +66,19 @@ pub enum LabCommand {
             value_name = "CMD"
         )]
         command: Vec<OsString>,
+    },
+    /// Start a Docker engine (dockerd) on lab hosts and import the test image (vxnet-bb, a
+    /// busybox root filesystem) into each; `vxnet lab exec vm2 -- docker ps` then talks to
+    /// vm2's engine. Already running engines are kept. `lab down` stops them.
+    Docker {
+        #[command(flatten)]
+        name: NameArg,
+        /// Docker's legacy cluster mode on the lab's etcd (`--cluster-store etcd://VM1:2379
+        /// --cluster-advertise HOST:2376`): overlay networks without Swarm.
+        #[arg(long)]
+        cluster_store: bool,
+        /// Hosts to start it on (default: every daemon host, vm2…vmN).
+        hosts: Vec<String>,
     },
     /// (internal) The process holding one lab host's namespaces; started by `lab up`.
     #[command(hide = true)]
@@ -123,6 +136,11 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             host,
             command,
         } => exec(&name.name, &host, command).await,
+        LabCommand::Docker {
+            name,
+            cluster_store,
+            hosts,
+        } => docker(&name.name, cluster_store, hosts).await,
         LabCommand::HostInit(_) => {
             anyhow::bail!("`vxnet lab host-init` is started by `vxnet lab up`, not by hand")
         }
@@ -201,6 +219,49 @@ fn print_hosts(lab: &Lab) -> bool {
         }
     }
     all_alive
+}
+
+async fn docker(name: &str, cluster_store: bool, hosts: Vec<String>) -> anyhow::Result<ExitCode> {
+    let lab = Lab::open(name)?;
+    let hosts = if hosts.is_empty() {
+        lab.hosts()
+            .iter()
+            .skip(1)
+            .map(|h| h.name().to_string())
+            .collect()
+    } else {
+        hosts
+    };
+    let opts = DockerOptions {
+        cluster_store,
+        ..DockerOptions::default()
+    };
+    let started = Instant::now();
+    futures::future::try_join_all(hosts.iter().map(|h| lab.start_docker(h, &opts))).await?;
+    for h in &hosts {
+        lab.import_test_image(h)?;
+    }
+    println!(
+        "docker is up on {} in {:.1}s{} (image {TEST_IMAGE})",
+        hosts.join(", "),
+        started.elapsed().as_secs_f64(),
+        if cluster_store {
+            format!(", cluster store {}", lab.cluster_store())
+        } else {
+            String::new()
+        }
+    );
+    let flag = if name == DEFAULT_NAME {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    };
+    if let Some(first) = hosts.first() {
+        println!(
+            "\n  vxnet lab exec{flag} {first} -- docker run --rm --net none {TEST_IMAGE} true"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn down(name: &str) -> anyhow::Result<ExitCode> {

@@ -7,7 +7,8 @@
 //! netns/switch             network namespace holding bridge br0 (the seed's private network)
 //! netns/vm1 … netns/vmN    each host's network namespace: lo, eth0 = 192.0.2.(4+K)/24
 //! hosts/vmK/fs/…           each host's private directories (/var/lib/vxnet, …)
-//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log
+//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log, vmK-dockerd.log (`lab docker`)
+//! docker/vxnet-bb.tar      the test image's root filesystem (`lab docker`)
 //! ```
 //!
 //! Each host is held by a `vxnet lab host-init` process (see `host_init.rs`) that owns the
@@ -79,7 +80,7 @@ const ETCD_DATA_DIR: &str = "/var/lib/etcd/lab";
 pub const ETCD_PORT_STEP: u16 = 100;
 /// The most etcd members a lab runs.
 pub const MAX_ETCD_MEMBERS: usize = 5;
-const STATE_FILE: &str = "lab.json";
+pub(super) const STATE_FILE: &str = "lab.json";
 const MAX_NAME: usize = 32;
 
 /// How to build a lab.
@@ -243,12 +244,12 @@ pub struct HostState {
     pub netns: PathBuf,
     /// The host's init (namespace holder).
     pub init: Option<ProcRecord>,
-    /// etcd (vm1) or the daemon (vm2…).
+    /// etcd (vm1) or the daemon (vm2…), and dockerd once `lab docker` started it.
     pub processes: Vec<ProcRecord>,
 }
 
 impl LabState {
-    fn save(&self) -> Result<(), LabError> {
+    pub(super) fn save(&self) -> Result<(), LabError> {
         let path = self.dir.join(STATE_FILE);
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(self).map_err(|e| LabError::State {
@@ -259,8 +260,26 @@ impl LabState {
         std::fs::rename(&tmp, &path).map_err(|e| LabError::io(&path, e))
     }
 
+    /// Holds the lab's state lock (a `flock` on `lab.lock`) until the file is dropped:
+    /// whoever changes `lab.json` after `lab up` (restarts, `lab docker`, several at once,
+    /// from several processes) reads, changes and saves it under this lock.
+    pub(super) fn lock(dir: &Path) -> Result<std::fs::File, LabError> {
+        let path = dir.join("lab.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LabError::io(&path, e))?;
+        // SAFETY: flock(2) on an fd we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(LabError::io(&path, std::io::Error::last_os_error()));
+        }
+        Ok(file)
+    }
+
     /// The state in `dir`, or `None` when there is no state file.
-    fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
+    pub(super) fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
         let path = dir.join(STATE_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -341,11 +360,13 @@ impl Host {
     }
 
     /// A command that runs on this host: in its network, mount and UTS namespaces, with
-    /// `VXNET_HOST` pointing at the host's daemon and the lab's `vxnet` first on PATH.
+    /// `VXNET_HOST` pointing at the host's daemon, `DOCKER_HOST` at the host's dockerd (if
+    /// `lab docker` started one) and the lab's `vxnet` first on PATH.
     /// Fails if the host's init is gone.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command, LabError> {
         let mut cmd = Command::new(program);
-        cmd.env("VXNET_HOST", format!("unix://{HOST_SOCKET}"));
+        cmd.env("VXNET_HOST", format!("unix://{HOST_SOCKET}"))
+            .env("DOCKER_HOST", super::docker::DOCKER_HOST);
         if let Some(dir) = &self.bin_dir {
             let path =
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -358,7 +379,7 @@ impl Host {
         Ok(cmd)
     }
 
-    fn enter(&self, cmd: &mut Command, new_session: bool) -> Result<(), LabError> {
+    pub(super) fn enter(&self, cmd: &mut Command, new_session: bool) -> Result<(), LabError> {
         let proc_dir = PathBuf::from(format!("/proc/{}", self.init.pid));
         let ns = HostNamespaces::open(&self.init)
             .map_err(|e| LabError::io(&proc_dir, e))?
@@ -630,6 +651,7 @@ impl Lab {
     /// Starts process `index` of host `host` again from its recorded argv (appending to its
     /// log) and records the new process. Refuses if the recorded one still runs.
     fn restart_process(&self, host: usize, index: usize) -> Result<Child, LabError> {
+        let _lock = LabState::lock(&self.state.dir)?;
         let mut state = self.current_state()?;
         let rec = state.hosts[host]
             .processes
@@ -1072,7 +1094,12 @@ async fn wire_outside(
     Ok(())
 }
 
-fn record(role: &str, child: &Child, cmd: &Command, log: &Path) -> Result<ProcRecord, LabError> {
+pub(super) fn record(
+    role: &str,
+    child: &Child,
+    cmd: &Command,
+    log: &Path,
+) -> Result<ProcRecord, LabError> {
     let pid = child.id();
     let start_time =
         sys::start_time(pid).map_err(|e| LabError::io(Path::new(&format!("/proc/{pid}")), e))?;
@@ -1100,7 +1127,7 @@ fn log_file(path: &Path) -> Result<std::fs::File, LabError> {
 /// The caller's `VXNET_*` and `ETCD_*` variables are not passed on: the daemon and etcd read
 /// settings from them (`VXNET_ETCD_USER`, `ETCD_DATA_DIR`, …), and a host is configured by
 /// the lab alone.
-fn daemon_stdio(cmd: &mut Command, lab: &str, log: &Path) -> Result<(), LabError> {
+pub(super) fn daemon_stdio(cmd: &mut Command, lab: &str, log: &Path) -> Result<(), LabError> {
     let out = log_file(log)?;
     let err = out.try_clone().map_err(|e| LabError::io(log, e))?;
     for (key, _) in std::env::vars_os() {
@@ -1429,7 +1456,14 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
     }
     report.existed = true;
     // An unreadable state file cannot name processes; the rest is still removed.
-    if let Ok(Some(state)) = LabState::load(dir) {
+    let state = LabState::load(dir).ok().flatten();
+    if let Some(state) = &state {
+        // Docker's containers first: they run in mount namespaces of their own (not the
+        // hosts'), so only their cgroups name them; dockerd then stops without waiting for
+        // them.
+        let containers = super::docker::stop_containers_of_lab(state);
+        report.stopped += containers.stopped;
+        report.stuck.extend(containers.stuck);
         let all: Vec<&ProcRecord> = state.hosts.iter().flat_map(|h| &h.processes).collect();
         let inits: Vec<&ProcRecord> = state.hosts.iter().filter_map(|h| h.init.as_ref()).collect();
         // Daemons first (while etcd still answers), then etcd, then whatever else runs inside
@@ -1481,6 +1515,9 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(LabError::io(dir, e)),
+    }
+    if let Some(state) = &state {
+        super::docker::remove_cgroups_of_lab(state);
     }
     report.strangers = sys::processes_in_netns(&inodes);
     Ok(report)

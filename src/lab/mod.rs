@@ -10,12 +10,14 @@
 //! and a daemon on each other host, all outliving the process that started them.
 
 pub mod demo;
+pub mod docker;
 pub mod etcd;
 pub mod host_init;
 pub mod hosts;
 pub mod process;
 pub mod sys;
 
+pub use docker::{DockerOptions, TEST_IMAGE};
 pub use hosts::{DownReport, Host, Lab, LabGuard, LabNameGuard, LabOptions};
 
 use std::net::{IpAddr, Ipv4Addr};

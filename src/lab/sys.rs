@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// A process the lab started, as recorded in `lab.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcRecord {
-    /// `init` (the host's namespace holder), `etcd` or `daemon`.
+    /// `init` (the host's namespace holder), `etcd`, `daemon` or `dockerd`.
     pub role: String,
     pub pid: u32,
     /// Clock ticks after boot (`/proc/PID/stat` field 22): with the PID, unique for the

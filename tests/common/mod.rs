@@ -234,3 +234,40 @@ pub fn tcp_echo_peer(
         }
     })
 }
+
+impl TestLab {
+    /// `docker ARGS` on a host, against that host's own dockerd.
+    pub fn docker(&self, host: &str, args: &[&str]) -> Output {
+        let mut cmd = self.lab.host(host).unwrap().docker().unwrap();
+        cmd.args(args);
+        cmd.output().unwrap()
+    }
+
+    /// `docker ARGS` on a host, asserting success; returns stdout, trimmed.
+    pub fn docker_ok(&self, host: &str, args: &[&str]) -> String {
+        let out = self.docker(host, args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} on {host} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Starts dockerd on `hosts` (at once) and imports the test image into each.
+    pub async fn start_docker(&self, hosts: &[&str], opts: &vxnet::lab::DockerOptions) {
+        let started =
+            futures::future::join_all(hosts.iter().map(|h| self.lab.start_docker(h, opts))).await;
+        for (h, r) in hosts.iter().zip(started) {
+            if let Err(e) = r {
+                panic!("dockerd on {h}: {e}");
+            }
+        }
+        for h in hosts {
+            if let Err(e) = self.lab.import_test_image(h) {
+                panic!("test image on {h}: {e}");
+            }
+        }
+    }
+}
