@@ -37,6 +37,10 @@ pub enum LabCommand {
         /// (clients) and 2380+100·K (peers); the daemons are given every member.
         #[arg(long, default_value_t = 1)]
         etcd_members: usize,
+        /// The kind of Docker engine the daemons' plugin serves: local, or global for engines
+        /// started with --cluster-store (`vxnet lab docker --cluster-store`).
+        #[arg(long, default_value = "local")]
+        docker_scope: crate::docker::Scope,
     },
     /// Stop a lab's processes and remove its namespaces and files (safe to repeat).
     Down {
@@ -128,7 +132,8 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             name,
             underlay,
             etcd_members,
-        } => up(hosts, name.name, underlay, etcd_members).await,
+            docker_scope,
+        } => up(hosts, name.name, underlay, etcd_members, docker_scope).await,
         LabCommand::Down { name } => down(&name.name),
         LabCommand::Status { name, format } => status(&name.name, format.as_deref()),
         LabCommand::Exec {
@@ -152,11 +157,13 @@ async fn up(
     name: String,
     underlay: Ipv4Net,
     etcd_members: usize,
+    docker_scope: crate::docker::Scope,
 ) -> anyhow::Result<ExitCode> {
     let binary = std::env::current_exe().context("cannot find the vxnet binary itself")?;
     let opts = LabOptions {
         hosts,
         etcd_members,
+        docker_scope,
         underlay: underlay.trunc(),
         ..LabOptions::new(&name, binary)
     };

@@ -38,13 +38,13 @@ pub struct CapabilitiesResponse {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct IpamData {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub address_space: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub pool: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub gateway: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub aux_addresses: BTreeMap<String, String>,
 }
 
@@ -53,11 +53,11 @@ pub struct IpamData {
 pub struct CreateNetworkRequest {
     #[serde(rename = "NetworkID")]
     pub network_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub options: BTreeMap<String, Value>,
-    #[serde(default, rename = "IPv4Data")]
+    #[serde(default, rename = "IPv4Data", deserialize_with = "null_as_default")]
     pub ipv4_data: Option<Vec<IpamData>>,
-    #[serde(default, rename = "IPv6Data")]
+    #[serde(default, rename = "IPv6Data", deserialize_with = "null_as_default")]
     pub ipv6_data: Option<Vec<IpamData>>,
 }
 
@@ -71,11 +71,11 @@ pub struct NetworkRequest {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct EndpointInterface {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub address: String,
-    #[serde(default, rename = "AddressIPv6")]
+    #[serde(default, rename = "AddressIPv6", deserialize_with = "null_as_default")]
     pub address_ipv6: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub mac_address: String,
 }
 
@@ -86,7 +86,7 @@ pub struct CreateEndpointRequest {
     pub network_id: String,
     #[serde(rename = "EndpointID")]
     pub endpoint_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub interface: Option<EndpointInterface>,
 }
 
@@ -121,7 +121,7 @@ pub struct JoinRequest {
     pub network_id: String,
     #[serde(rename = "EndpointID")]
     pub endpoint_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub sandbox_key: String,
 }
 
@@ -159,15 +159,15 @@ pub struct IpamCapabilitiesResponse {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RequestPoolRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub address_space: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub pool: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub sub_pool: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub options: BTreeMap<String, String>,
-    #[serde(default, rename = "V6")]
+    #[serde(default, rename = "V6", deserialize_with = "null_as_default")]
     pub v6: bool,
 }
 
@@ -192,9 +192,9 @@ pub struct PoolRequest {
 pub struct RequestAddressRequest {
     #[serde(rename = "PoolID")]
     pub pool_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub address: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub options: BTreeMap<String, String>,
 }
 
@@ -212,6 +212,15 @@ pub struct ReleaseAddressRequest {
     #[serde(rename = "PoolID")]
     pub pool_id: String,
     pub address: String,
+}
+
+/// Go encodes nil maps, slices and pointers as `null`: read those as the empty value.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// An empty success answer.
@@ -286,6 +295,19 @@ mod tests {
         let _: PoolRequest = serde_json::from_value(captured("/IpamDriver.ReleasePool")).unwrap();
         let _: NetworkRequest =
             serde_json::from_value(captured("/NetworkDriver.DeleteNetwork")).unwrap();
+    }
+
+    #[test]
+    fn go_nulls_read_as_empty() {
+        let r: RequestAddressRequest =
+            serde_json::from_str(r#"{"PoolID":"vxnet:10.0.4.0/24","Address":"","Options":null}"#)
+                .unwrap();
+        assert!(r.options.is_empty());
+        let r: CreateNetworkRequest = serde_json::from_str(
+            r#"{"NetworkID":"x","Options":null,"IPv4Data":null,"IPv6Data":null}"#,
+        )
+        .unwrap();
+        assert!(r.options.is_empty() && r.ipv4_data.is_none());
     }
 
     #[test]
