@@ -9,12 +9,13 @@
 //! (bound from `hosts/vmK/fs/var/lib/docker` in the lab dir); it reads the host's private
 //! `/etc/docker`. It is started with:
 //!
-//! - `--iptables=false --ip-forward=false`: dockerd would otherwise set the FORWARD policy to
-//!   DROP, add NAT rules and turn forwarding on (in the host's namespace only, but the vxnet
-//!   daemon on the same host must not find Docker's rules in its way). The cost: containers
-//!   on Docker's bridge networks (docker0, docker_gwbridge) get no NAT to the outside, and
-//!   `docker run` warns "IPv4 forwarding is disabled". Container to container traffic, on a
-//!   bridge or across hosts on an overlay, does not need either.
+//! - `--iptables=false`: dockerd would otherwise set the FORWARD policy to DROP and add NAT
+//!   rules (in the host's namespace only, but the vxnet daemon on the same host must not find
+//!   Docker's rules in its way). The cost: containers on Docker's bridge networks (docker0,
+//!   docker_gwbridge) get no NAT to the outside; container to container traffic, on a bridge
+//!   or across hosts on an overlay, does not need it. dockerd may turn forwarding on: that
+//!   sysctl is per network namespace, so it changes the lab host only (the vxnet daemon turns
+//!   it on there too, for its gateway bridge).
 //! - `--exec-opt native.cgroupdriver=cgroupfs --cgroup-parent /vxnet-lab-LAB-HOST`: cgroups
 //!   are the one thing not private to a host (the host's `/sys/fs/cgroup` is the machine's
 //!   hierarchies, bound in, with no cgroup namespace). Each host's containers get their own
@@ -166,7 +167,6 @@ impl Lab {
             "--pidfile",
             PIDFILE,
             "--iptables=false",
-            "--ip-forward=false",
             "--storage-driver",
             "overlay2",
             "--exec-opt",
