@@ -9,8 +9,13 @@ use ipnet::Ipv4Net;
 
 use crate::error::Error;
 
-/// VNIs handed out when the user gives none (0..255 are left for hand-made overlays).
+/// The lowest VNI vxnet accepts (0..255 are left for hand-made overlays).
 pub const VNI_MIN: u32 = 256;
+/// Where automatic VNIs start. Two VXLAN devices with one VNI on one UDP port cannot coexist
+/// on a host (the kernel refuses the second), and Docker's overlay numbers its networks from
+/// 256 (swarm from 4096), flannel uses 1: starting at 2^20 keeps a host that also runs
+/// those clear of them. `--vni` may still pick anything from 256.
+pub const VNI_AUTO_MIN: u32 = 1 << 20;
 /// The largest 24-bit VNI.
 pub const VNI_MAX: u32 = 16_777_215;
 
@@ -193,7 +198,9 @@ pub fn validate_vni(vni: u32) -> Result<(), Error> {
 
 /// The lowest VNI from `VNI_MIN` up that is not in `used`.
 pub fn next_free_vni(used: &HashSet<u32>) -> Option<u32> {
-    (VNI_MIN..=VNI_MAX).find(|v| !used.contains(v))
+    (VNI_AUTO_MIN..=VNI_MAX)
+        .chain(VNI_MIN..VNI_AUTO_MIN)
+        .find(|v| !used.contains(v))
 }
 
 #[cfg(test)]
@@ -284,7 +291,9 @@ mod tests {
         assert!(!overlaps(net("10.0.4.0/24"), net("10.0.5.0/24")));
         assert!(validate_vni(0).is_err());
         assert!(validate_vni(VNI_MAX + 1).is_err());
-        assert_eq!(next_free_vni(&[256, 257, 259].into()), Some(258));
+        assert_eq!(next_free_vni(&HashSet::new()), Some(VNI_AUTO_MIN));
+        let used = [VNI_AUTO_MIN, VNI_AUTO_MIN + 1, VNI_AUTO_MIN + 3].into();
+        assert_eq!(next_free_vni(&used), Some(VNI_AUTO_MIN + 2));
         let used = [net("10.0.0.0/23"), net("10.0.3.0/24")];
         assert_eq!(
             first_free_subnet(used.iter().copied()),

@@ -161,7 +161,15 @@ async fn local_scope_engines_without_a_cluster_store() {
     // with what to do.
     let out = lab.docker(
         "vm2",
-        &["network", "create", "-d", "vxnet", "--subnet", "10.0.5.0/24", "other"],
+        &[
+            "network",
+            "create",
+            "-d",
+            "vxnet",
+            "--subnet",
+            "10.0.5.0/24",
+            "other",
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -81,8 +81,9 @@ pub enum DataplaneError {
 
     #[error(
         "VNI {vni} (UDP port {port}) is already used by another VXLAN device on this host \
-         (another network's sandbox, or a leftover device): remove that network's sandbox \
-         (or the device, `ip -d link show type vxlan` finds it) and retry"
+         (Docker's own overlay, another network's sandbox, or a leftover device; `ip -d link \
+         show type vxlan` finds it, in any namespace made on this host): re-create the vxnet \
+         network with another --vni, or remove that device"
     )]
     VniInUse { vni: u32, port: u16 },
 

@@ -1,0 +1,172 @@
+//! Docker engines on a three-host lab (run with `cargo bench --bench docker`; needs root and
+//! Debian's docker.io): `docker run --rm --net X vxnet-bb true` on vm2, for
+//!
+//! - `--net none`: the container start itself, the baseline;
+//! - `--net <vxnet network>`: vxnet's plugin (`-d vxnet --ipam-driver vxnet`);
+//! - `--net <Docker overlay>`: Docker 20.10's own legacy overlay on the same engines, with
+//!   `--cluster-store` on the lab's etcd (the seed's system).
+//!
+//! Each network first gets one container (measured apart: the first on a host also builds the
+//! network's sandbox), then one long-running container per network stays on vm2 so that the
+//! measured runs are the steady state. Cases are interleaved run by run so that noise on this
+//! shared machine hits them alike. Besides each case against `none`, the result holds what
+//! each network adds over `none` and the ratio of the two additions (the target:
+//! vxnet adds at most 1/10 of what Docker's overlay adds).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::{Ratio, Summary};
+use vxnet::docker::Scope;
+use vxnet::lab::{DockerOptions, Lab, LabGuard, LabOptions, TEST_IMAGE};
+
+fn main() {
+    support::block_on(bench());
+}
+
+fn docker(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let mut cmd = lab
+        .host(host)
+        .expect("host")
+        .docker()
+        .expect("docker client");
+    let out = cmd.args(args).output().expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?} on {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn timed_run(lab: &Lab, net: &str) -> Duration {
+    let started = Instant::now();
+    docker(
+        lab,
+        "vm2",
+        &["run", "--rm", "--net", net, TEST_IMAGE, "true"],
+    );
+    started.elapsed()
+}
+
+/// p50 and p99 of `case` minus those of `baseline`, as the ratio of two such additions.
+fn added(case: &Summary, baseline: &Summary, other: &Summary) -> Ratio {
+    Ratio {
+        case: format!("{} − {}", case.case, baseline.case),
+        baseline: format!("{} − {}", other.case, baseline.case),
+        p50_ratio: (case.p50_us - baseline.p50_us) / (other.p50_us - baseline.p50_us),
+        p99_ratio: (case.p99_us - baseline.p99_us) / (other.p99_us - baseline.p99_us),
+    }
+}
+
+async fn bench() {
+    let runs = support::runs(20);
+    let name = format!("bench-docker-{}", std::process::id());
+    let mut opts = LabOptions::new(&name, PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
+    opts.docker_scope = Scope::Global;
+    let lab = LabGuard::new(
+        Lab::up(opts)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start the bench lab: {e}")),
+    );
+    let docker_opts = DockerOptions {
+        cluster_store: true,
+        ..Default::default()
+    };
+    for host in ["vm2", "vm3"] {
+        lab.start_docker(host, &docker_opts)
+            .await
+            .unwrap_or_else(|e| panic!("dockerd on {host}: {e}"));
+        lab.import_test_image(host)
+            .unwrap_or_else(|e| panic!("test image on {host}: {e}"));
+    }
+    docker(
+        &lab,
+        "vm2",
+        &[
+            "network",
+            "create",
+            "-d",
+            "vxnet",
+            "--ipam-driver",
+            "vxnet",
+            "--subnet",
+            "10.8.0.0/16",
+            "-o",
+            "vxnet.network=vx",
+            "vx",
+        ],
+    );
+    docker(
+        &lab,
+        "vm2",
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--subnet",
+            "10.7.0.0/16",
+            "ov",
+        ],
+    );
+    let cases = [
+        ("--net none", "none"),
+        ("--net vxnet", "vx"),
+        ("--net Docker overlay", "ov"),
+    ];
+
+    // The first container of each network on the host (builds its sandbox), then anchors.
+    let first: Vec<Summary> = cases[1..]
+        .iter()
+        .map(|(label, net)| {
+            Summary::of(&format!("first {label} on a host"), &[timed_run(&lab, net)])
+        })
+        .collect();
+    for (_, net) in &cases[1..] {
+        docker(
+            &lab,
+            "vm2",
+            &[
+                "run",
+                "-d",
+                "--name",
+                &format!("anchor-{net}"),
+                "--net",
+                net,
+                TEST_IMAGE,
+                "sleep",
+                "3600",
+            ],
+        );
+    }
+    let _ = timed_run(&lab, "none");
+
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); cases.len()];
+    for _ in 0..runs {
+        for (i, (_, net)) in cases.iter().enumerate() {
+            samples[i].push(timed_run(&lab, net));
+        }
+    }
+    let mut summaries: Vec<Summary> = cases
+        .iter()
+        .zip(&samples)
+        .map(|((label, _), s)| Summary::of(&format!("docker run --rm {label}"), s))
+        .collect();
+    let ratios = vec![
+        Ratio::of(&summaries[1], &summaries[0]),
+        Ratio::of(&summaries[2], &summaries[0]),
+        Ratio::of(&summaries[1], &summaries[2]),
+        added(&summaries[1], &summaries[0], &summaries[2]),
+    ];
+    summaries.extend(first);
+    support::report(
+        "docker",
+        "docker run latency on vm2 (Docker 20.10 engines with --cluster-store on the lab's etcd)",
+        summaries,
+        ratios,
+    );
+}
