@@ -64,21 +64,6 @@ async fn up(name: &str) -> LabGuard {
     }
 }
 
-/// The root network namespace's links, read with `ip -o link` (read-only).
-fn root_links() -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip");
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(": ");
-            Some(format!("{}: {}", f.next()?, f.next()?))
-        })
-        .collect()
-}
-
 /// (device, inode) of each of the lab's network namespaces, read while it is up.
 fn lab_netns(lab: &Lab) -> Vec<(u64, u64)> {
     std::iter::once(lab.switch_netns_path().to_path_buf())
@@ -134,7 +119,7 @@ fn assert_gone(name: &str, netns: &[(u64, u64)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_lab_is_the_seeds_three_vms() {
     let name = lab_name();
-    let links_before = root_links();
+    let links_before = common::root_links();
     let bin = common::binary();
     let bin = bin.to_str().unwrap();
     let started = Instant::now();
@@ -164,7 +149,7 @@ async fn cli_lab_is_the_seeds_three_vms() {
     assert_eq!(lab.hosts().len(), 3);
     let netns = lab_netns(&lab);
     assert_eq!(
-        root_links(),
+        common::root_links(),
         links_before,
         "the root namespace gained or lost a link"
     );
@@ -318,7 +303,7 @@ async fn cli_lab_is_the_seeds_three_vms() {
     assert_eq!(text(&status.stdout).matches("running").count(), 6);
 
     assert_eq!(
-        root_links(),
+        common::root_links(),
         links_before,
         "the root namespace gained or lost a link"
     );
@@ -335,7 +320,7 @@ async fn cli_lab_is_the_seeds_three_vms() {
     assert!(again.status.success(), "{}", show(&again));
     assert!(text(&again.stdout).contains("not up"), "{}", show(&again));
     assert_eq!(
-        root_links(),
+        common::root_links(),
         links_before,
         "the root namespace's links changed"
     );

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -25,21 +24,6 @@ fn show(out: &Output) -> String {
         text(&out.stdout),
         text(&out.stderr)
     )
-}
-
-/// The root network namespace's links, read with `ip -o link` (read-only).
-fn root_links() -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip");
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(": ");
-            Some(format!("{}: {}", f.next()?, f.next()?))
-        })
-        .collect()
 }
 
 /// Polls `f` every 100 ms for up to `limit`; panics with `what` if it never holds. (A bound
@@ -112,7 +96,7 @@ fn pings(t: &TestLab, host: &str, name: &str, ip: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_overlay_with_cluster_store_spans_hosts_and_lab_down_leaves_nothing() {
-    let links_before = root_links();
+    let links_before = common::root_links();
     let t = TestLab::up(3).await;
     let name = t.lab.name().to_string();
     let dir = t.lab.dir().to_path_buf();
@@ -168,7 +152,7 @@ async fn docker_overlay_with_cluster_store_spans_hosts_and_lab_down_leaves_nothi
     });
     assert!(pings(&t, "vm2", "c2", &ip3), "c2 on vm2 cannot ping c3");
     assert_eq!(
-        root_links(),
+        common::root_links(),
         links_before,
         "new links in the root namespace"
     );
@@ -209,7 +193,7 @@ async fn docker_overlay_with_cluster_store_spans_hosts_and_lab_down_leaves_nothi
     let dir = dir.display().to_string();
     assert!(!mounts.contains(&dir), "mounts left under {dir}:\n{mounts}");
     assert_eq!(
-        root_links(),
+        common::root_links(),
         links_before,
         "links left in the root namespace"
     );

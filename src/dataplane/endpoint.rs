@@ -74,25 +74,13 @@ pub async fn ensure_endpoint(
     container: &NetNs,
     spec: &EndpointSpec,
 ) -> Result<(), DataplaneError> {
-    let sb = sandbox.handle();
-    let label = format!("sandbox {}", sandbox.name());
     let ends = VethEnds {
         host_ifname: &spec.host_ifname,
         container_ifname: &spec.container_ifname,
         mac: spec.mac,
         mtu: spec.mtu,
     };
-    // Everything in a sandbox is ours: a stale device under the veth's name is debris.
-    let pair = ensure_veth_pair(sb, &label, sandbox.bridge_index(), container, &ends, true).await?;
-    fix_link(
-        sb,
-        &pair.host,
-        Some(spec.mtu),
-        Some(sandbox.bridge_index()),
-        None,
-        &pair.host_object,
-    )
-    .await?;
+    let pair = ensure_bridged_pair(sandbox, container, &ends).await?;
     configure_container_end(
         &pair,
         spec.mtu,
@@ -122,27 +110,38 @@ pub async fn ensure_handoff_endpoint(
     runtime: &NetNs,
     spec: &HandoffSpec,
 ) -> Result<(), DataplaneError> {
-    let sb = sandbox.handle();
-    let label = format!("sandbox {}", sandbox.name());
     let ends = VethEnds {
         host_ifname: &spec.sandbox_ifname,
         container_ifname: &spec.runtime_ifname,
         mac: spec.mac,
         mtu: spec.mtu,
     };
-    let pair = ensure_veth_pair(sb, &label, sandbox.bridge_index(), runtime, &ends, true).await?;
+    ensure_bridged_pair(sandbox, runtime, &ends).await?;
+    // The runtime's end was made with its MAC and MTU and is left down: the runtime renames
+    // it inside the container, which needs it down.
+    Ok(())
+}
+
+/// A veth pair with one end on the sandbox's br0 (up, MTU set) and the other in `other`.
+async fn ensure_bridged_pair(
+    sandbox: &Sandbox,
+    other: &NetNs,
+    ends: &VethEnds<'_>,
+) -> Result<VethPair, DataplaneError> {
+    let sb = sandbox.handle();
+    let label = format!("sandbox {}", sandbox.name());
+    // Everything in a sandbox is ours: a stale device under the veth's name is debris.
+    let pair = ensure_veth_pair(sb, &label, sandbox.bridge_index(), other, ends, true).await?;
     fix_link(
         sb,
         &pair.host,
-        Some(spec.mtu),
+        Some(ends.mtu),
         Some(sandbox.bridge_index()),
         None,
         &pair.host_object,
     )
     .await?;
-    // The runtime's end was made with its MAC and MTU and is left down: the runtime renames
-    // it inside the container, which needs it down.
-    Ok(())
+    Ok(pair)
 }
 
 /// The container's end of a veth pair: MTU, MAC, exactly this address, and the default route

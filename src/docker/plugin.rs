@@ -79,6 +79,22 @@ fn parse_pool_id(s: &str) -> Result<Ipv4Net, Error> {
         })
 }
 
+/// The vxnet network a Docker CreateNetwork makes.
+fn create_request(
+    name: &str,
+    subnet: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+    mtu: Option<u32>,
+) -> NetworkCreate {
+    NetworkCreate {
+        name: name.to_string(),
+        subnet: Some(subnet),
+        gateway,
+        mtu,
+        ..Default::default()
+    }
+}
+
 impl DockerPlugin {
     pub fn new(
         scope: Scope,
@@ -247,16 +263,9 @@ impl DockerPlugin {
             return Ok(binding(&n.network));
         }
         let name = name.unwrap_or_else(|| format!("docker-{}", id.short()));
-        let req = NetworkCreate {
-            name: name.clone(),
-            subnet: Some(subnet),
-            gateway,
-            mtu,
-            ..Default::default()
-        };
         match self
             .cluster
-            .create_network_with_id(req, None, Some(id))
+            .create_network_with_id(create_request(&name, subnet, gateway, mtu), None, Some(id))
             .await
         {
             Ok(w) => Ok(binding(&w.value)),
@@ -307,13 +316,7 @@ impl DockerPlugin {
             let name = name
                 .clone()
                 .unwrap_or_else(|| format!("docker-{}", short(docker_net)));
-            let req = NetworkCreate {
-                name: name.clone(),
-                subnet: Some(subnet),
-                gateway,
-                mtu,
-                ..Default::default()
-            };
+            let req = create_request(&name, subnet, gateway, mtu);
             match self.cluster.create_network(req, None).await {
                 Ok(w) => {
                     return Ok(NetworkBinding {

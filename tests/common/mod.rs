@@ -271,3 +271,19 @@ impl TestLab {
         }
     }
 }
+
+/// The root network namespace's links ("index: name"), read with `ip -o link` (read-only):
+/// the tests compare it before and after to show the lab added nothing there.
+pub fn root_links() -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(": ");
+            Some(format!("{}: {}", f.next()?, f.next()?))
+        })
+        .collect()
+}
