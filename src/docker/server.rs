@@ -73,15 +73,21 @@ async fn dispatch(
             format!("{call}: plugin calls are POSTs"),
         );
     }
+    let started = std::time::Instant::now();
+    let response = handle(&plugin, call, &body).await;
+    tracing::debug!(call, status = %response.status(), elapsed_us = started.elapsed().as_micros() as u64, "Docker plugin call");
+    response
+}
+
+async fn handle(plugin: &DockerPlugin, call: &str, body: &Bytes) -> Response {
     macro_rules! with {
         ($req:ty, $f:expr) => {
-            match parse::<$req>(call, &body) {
+            match parse::<$req>(call, body) {
                 Ok(req) => reply(call, $f(req).await),
                 Err(resp) => *resp,
             }
         };
     }
-    tracing::debug!(call, "Docker plugin call");
     match call {
         "Plugin.Activate" => answer(
             StatusCode::OK,
@@ -100,7 +106,7 @@ async fn dispatch(
         "NetworkDriver.DeleteEndpoint" => {
             with!(EndpointRequest, |r| plugin.delete_endpoint(r))
         }
-        "NetworkDriver.EndpointOperInfo" => match parse::<EndpointRequest>(call, &body) {
+        "NetworkDriver.EndpointOperInfo" => match parse::<EndpointRequest>(call, body) {
             Ok(req) => answer(StatusCode::OK, &plugin.endpoint_info(req)),
             Err(resp) => *resp,
         },
@@ -131,7 +137,7 @@ async fn dispatch(
             },
         ),
         "IpamDriver.RequestPool" => with!(RequestPoolRequest, |r| plugin.request_pool(r)),
-        "IpamDriver.ReleasePool" => match parse::<PoolRequest>(call, &body) {
+        "IpamDriver.ReleasePool" => match parse::<PoolRequest>(call, body) {
             // Pools are the networks' subnets, nothing is held per pool.
             Ok(_) => answer(StatusCode::OK, &Empty {}),
             Err(resp) => *resp,
