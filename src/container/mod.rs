@@ -171,6 +171,7 @@ impl ContainerService {
             .create_endpoint(stored, req, known)
             .await?
             .value;
+        tracing::debug!(ip = %endpoint.ip, "address claimed");
         let taken = |n: &String| {
             record.attachments.iter().any(|a| &a.ifname == n)
                 || record
@@ -302,6 +303,8 @@ impl ContainerService {
         }
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
+        let t0 = std::time::Instant::now();
+        let lap = |step: &str| tracing::debug!(step, at_us = t0.elapsed().as_micros() as u64, "container create");
         let made = async {
             let stored = self.resolve_network(&req.network).await?;
             let internal = stored.network.internal;
@@ -319,8 +322,10 @@ impl ContainerService {
             crate::netns::set_link_up(&h, "lo")
                 .await
                 .map_err(|e| Error::io("bringing lo up", std::io::Error::other(e.to_string())))?;
+            lap("namespace");
             // The overlay carries the default route only when there is no gateway bridge.
             let att = self.attach(&record, &ns, &stored, req.ip, internal).await?;
+            lap("eth0");
             record.attachments.push(att);
             // One record write for both interfaces (attach_gateway writes it); a crash before
             // it leaves a `created` record, which the next start finishes, and an endpoint no
@@ -332,6 +337,7 @@ impl ContainerService {
             } else {
                 self.attach_gateway(&mut record, &ns).await?;
             }
+            lap("eth1 and record");
             if !record.ports.is_empty() {
                 self.reconciler.sync_firewall().await?;
             }

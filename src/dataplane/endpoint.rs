@@ -164,8 +164,45 @@ pub(crate) async fn configure_container_end(
     )
     .await?;
     let index = pair.container.header.index;
-    links::ensure_ipv4_address(ch, index, address, &pair.container_object).await?;
-    ensure_default_route(ch, index, default_gateway, &pair.container_object).await
+    if pair.created {
+        // A link made just now has no address and no route: add them without reading back.
+        add_fresh_address_and_route(ch, index, address, default_gateway, &pair.container_object)
+            .await
+    } else {
+        links::ensure_ipv4_address(ch, index, address, &pair.container_object).await?;
+        ensure_default_route(ch, index, default_gateway, &pair.container_object).await
+    }
+}
+
+async fn add_fresh_address_and_route(
+    ch: &Handle,
+    index: u32,
+    address: ipnet::Ipv4Net,
+    default_gateway: Option<Ipv4Addr>,
+    object: &str,
+) -> Result<(), DataplaneError> {
+    let add = ch
+        .address()
+        .add(
+            index,
+            std::net::IpAddr::V4(address.addr()),
+            address.prefix_len(),
+        )
+        .execute();
+    call("add an address to", || format!("{object} ({address})"), add).await?;
+    if let Some(gw) = default_gateway {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        call(
+            "set the default route of",
+            || format!("{object} (via {gw})"),
+            ch.route().add(route).replace().execute(),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// What a veth pair between a bridge and a container is made of.
@@ -184,6 +221,8 @@ pub(crate) struct VethPair {
     pub container_handle: Handle,
     pub host_object: String,
     pub container_object: String,
+    /// Made by this call (so it has no address or route yet), not found.
+    pub created: bool,
 }
 
 /// Gets or creates a veth pair whose `host_ifname` end is in `h`'s namespace (`label`) and
@@ -213,6 +252,14 @@ pub(crate) async fn ensure_veth_pair(
             hint: "check that the container's namespace still exists",
         })?;
 
+    // Optimistic: a new container's interface does not exist yet, so make it first; only a
+    // name already taken (EEXIST, e.g. a repair of an existing pair) takes the get-or-create
+    // path below. Saves two lookups on every attach.
+    let mut created = match create_veth(h, bridge, container, ends, &host_object).await {
+        Ok(()) => true,
+        Err(e) if e.errno() == Some(libc::EEXIST) => false,
+        Err(e) => return Err(e),
+    };
     let mut host_side = links::link_by_name(h, ends.host_ifname, label).await?;
     let mut cont_side = links::link_by_name(&ch, ends.container_ifname, CONTAINER).await?;
     let paired = matches!((&host_side, &cont_side), (Some(a), Some(b)) if are_peers(a, b));
@@ -236,6 +283,7 @@ pub(crate) async fn ensure_veth_pair(
             links::delete_link(h, l.header.index, &host_object).await?;
         }
         create_veth(h, bridge, container, ends, &host_object).await?;
+        created = true;
         host_side = links::link_by_name(h, ends.host_ifname, label).await?;
         cont_side = links::link_by_name(&ch, ends.container_ifname, CONTAINER).await?;
     }
@@ -250,6 +298,7 @@ pub(crate) async fn ensure_veth_pair(
         container_handle: ch,
         host_object,
         container_object,
+        created,
     })
 }
 
