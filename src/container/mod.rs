@@ -68,6 +68,20 @@ pub struct ConnectRequest {
     pub ip: Option<Ipv4Addr>,
 }
 
+/// A gateway-bridge address picked and not yet in a saved record.
+struct GatewayPick<'a> {
+    set: &'a SyncMutex<std::collections::HashSet<Ipv4Addr>>,
+    ip: Ipv4Addr,
+}
+
+impl Drop for GatewayPick<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.ip);
+        }
+    }
+}
+
 pub struct ContainerService {
     cluster: Arc<Cluster>,
     view: SharedView,
@@ -77,9 +91,9 @@ pub struct ContainerService {
     processes: SyncMutex<HashMap<Id, Arc<ProcessHandle>>>,
     /// One lock per container: its state changes (start, exit, stop, connect…) never interleave.
     locks: SyncMutex<HashMap<Id, Arc<Mutex<()>>>>,
-    /// Gateway-bridge addresses are host-local: picking one and recording it in the
-    /// container's record happen under this lock.
-    gateway_lock: Mutex<()>,
+    /// Gateway-bridge addresses are host-local and picked from the records: these are picked
+    /// and not recorded yet, so concurrent creates never pick the same one.
+    gateway_picked: SyncMutex<std::collections::HashSet<Ipv4Addr>>,
 }
 
 fn hostname_ok(h: &str) -> bool {
@@ -105,7 +119,7 @@ impl ContainerService {
             netns_dir: run_dir.join("netns"),
             processes: SyncMutex::new(HashMap::new()),
             locks: SyncMutex::new(HashMap::new()),
-            gateway_lock: Mutex::new(()),
+            gateway_picked: SyncMutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -203,23 +217,40 @@ impl ContainerService {
     }
 
     /// Gives the container its interface on the gateway bridge (eth1): a host-local address,
-    /// MAC from the IP, the default route.
-    async fn attach_gateway(&self, record: &mut ContainerRecord, ns: &NetNs) -> Result<(), Error> {
-        let _pick = self.gateway_lock.lock().await;
+    /// MAC from the IP, the default route. The address stays in `gateway_picked` until the
+    /// caller has saved the record holding it (`GatewayPick` drops it then).
+    async fn make_gateway(
+        &self,
+        record: &ContainerRecord,
+        ns: &NetNs,
+    ) -> Result<(GatewayAttachment, GatewayPick<'_>), Error> {
         let cfg = self.reconciler.gateway_config();
-        let used: std::collections::HashSet<Ipv4Addr> = self
-            .registry
-            .list()
-            .iter()
-            .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.ip))
-            .collect();
         let pool = crate::ipam::AddressPool::new(cfg.subnet, Some(cfg.gateway()), None)?;
-        let ip = pool.next_free(&used, None).ok_or_else(|| {
-            Error::conflict(format!(
-                "no address left on the gateway bridge {} ({}): use a larger --gateway-bridge-subnet",
-                cfg.bridge, cfg.subnet
-            ))
-        })?;
+        let pick = {
+            let mut picked = match self.gateway_picked.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            let mut used: std::collections::HashSet<Ipv4Addr> = self
+                .registry
+                .list()
+                .iter()
+                .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.ip))
+                .collect();
+            used.extend(picked.iter().copied());
+            let ip = pool.next_free(&used, None).ok_or_else(|| {
+                Error::conflict(format!(
+                    "no address left on the gateway bridge {} ({}): use a larger --gateway-bridge-subnet",
+                    cfg.bridge, cfg.subnet
+                ))
+            })?;
+            picked.insert(ip);
+            GatewayPick {
+                set: &self.gateway_picked,
+                ip,
+            }
+        };
+        let ip = pick.ip;
         let gw = GatewayAttachment {
             ifname: "eth1".into(),
             host_ifname: format!("gw{}", &record.id.as_str()[..7]),
@@ -228,15 +259,11 @@ impl ContainerService {
             mac: Mac::from_ipv4(ip),
             gateway: cfg.gateway(),
         };
-        self.reconciler.attach_gateway(ns, &gw).await?;
-        record.gateway_attachment = Some(gw);
-        if let Err(e) = self.registry.put(record.clone()) {
-            if let Some(gw) = record.gateway_attachment.take() {
-                let _ = self.reconciler.detach_gateway(&gw).await;
-            }
-            return Err(Error::io("saving container record", e));
+        if let Err(e) = self.reconciler.attach_gateway(ns, &gw).await {
+            let _ = self.reconciler.detach_gateway(&gw).await;
+            return Err(e);
         }
-        Ok(())
+        Ok((gw, pick))
     }
 
     /// Removes an attachment's interface and its endpoint in the store. Best effort: used on
@@ -304,7 +331,13 @@ impl ContainerService {
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
         let t0 = std::time::Instant::now();
-        let lap = |step: &str| tracing::debug!(step, at_us = t0.elapsed().as_micros() as u64, "container create");
+        let lap = |step: &str| {
+            tracing::debug!(
+                step,
+                at_us = t0.elapsed().as_micros() as u64,
+                "container create"
+            )
+        };
         let made = async {
             let stored = self.resolve_network(&req.network).await?;
             let internal = stored.network.internal;
@@ -323,21 +356,37 @@ impl ContainerService {
                 .await
                 .map_err(|e| Error::io("bringing lo up", std::io::Error::other(e.to_string())))?;
             lap("namespace");
-            // The overlay carries the default route only when there is no gateway bridge.
-            let att = self.attach(&record, &ns, &stored, req.ip, internal).await?;
-            lap("eth0");
-            record.attachments.push(att);
-            // One record write for both interfaces (attach_gateway writes it); a crash before
-            // it leaves a `created` record, which the next start finishes, and an endpoint no
-            // record owns, which it releases.
-            if internal {
-                self.registry
-                    .put(record.clone())
-                    .map_err(|e| Error::io("saving container record", e))?;
-            } else {
-                self.attach_gateway(&mut record, &ns).await?;
-            }
-            lap("eth1 and record");
+            // eth0 (an etcd transaction, then the sandbox's veth) and eth1 (host-local) at
+            // once: the gateway bridge's work fits in the wait for etcd.
+            let (att, gw) = tokio::join!(
+                // The overlay carries the default route only when there is no gateway bridge.
+                self.attach(&record, &ns, &stored, req.ip, internal),
+                async {
+                    match internal {
+                        true => Ok((None, None)),
+                        false => self
+                            .make_gateway(&record, &ns)
+                            .await
+                            .map(|(g, pick)| (Some(g), Some(pick))),
+                    }
+                }
+            );
+            lap("eth0 and eth1");
+            // Whatever was made goes into the record first, so a failure of the other undoes it.
+            let att = att.map(|a| record.attachments.push(a));
+            let _pick = gw.map(|(g, pick)| {
+                record.gateway_attachment = g;
+                pick
+            });
+            att?;
+            let _pick = _pick?;
+            // One record write for both interfaces; a crash before it leaves a `created`
+            // record, which the next start finishes, and an endpoint no record owns, which it
+            // releases.
+            self.registry
+                .put(record.clone())
+                .map_err(|e| Error::io("saving container record", e))?;
+            lap("record");
             if !record.ports.is_empty() {
                 self.reconciler.sync_firewall().await?;
             }
