@@ -91,7 +91,8 @@ pub trait PluginPorts: Send + Sync {
 }
 
 struct Programmed {
-    sandbox: Sandbox,
+    /// Shared so that a port can be removed without holding the state lock.
+    sandbox: Arc<Sandbox>,
     peers: BTreeSet<Peer>,
     /// This host's endpoints in the sandbox (sandbox-side veth names): when the last one
     /// goes, so does the sandbox.
@@ -384,7 +385,7 @@ impl Reconciler {
             state.insert(
                 net.id.clone(),
                 Programmed {
-                    sandbox,
+                    sandbox: Arc::new(sandbox),
                     peers,
                     endpoints: BTreeSet::new(),
                 },
@@ -441,6 +442,18 @@ impl Reconciler {
     async fn remove_port(&self, net: &NetworkId, sandbox_ifname: &str) -> Result<(), Error> {
         let mut state = self.state.lock().await;
         let last = match state.get_mut(net) {
+            Some(p) if p.endpoints.len() > 1 || !p.endpoints.contains(sandbox_ifname) => {
+                // Not the sandbox's last port: delete the link without the lock. Deleting a
+                // device waits for an RCU grace period (milliseconds to tens of them), which
+                // must not hold up every other attach and the peer sync.
+                p.endpoints.remove(sandbox_ifname);
+                let sandbox = p.sandbox.clone();
+                drop(state);
+                dataplane::remove_endpoint(&sandbox, sandbox_ifname).await?;
+                return Ok(());
+            }
+            // The last port: the sandbox goes with it (under the lock, so that an attach
+            // racing in makes a new sandbox rather than using the one being removed).
             Some(p) => {
                 dataplane::remove_endpoint(&p.sandbox, sandbox_ifname).await?;
                 p.endpoints.remove(sandbox_ifname);
@@ -567,7 +580,7 @@ impl Reconciler {
             state.insert(
                 net_id.clone(),
                 Programmed {
-                    sandbox,
+                    sandbox: Arc::new(sandbox),
                     peers: want,
                     endpoints: ours.into_iter().collect(),
                 },
