@@ -22,6 +22,9 @@ use nix::sched::{setns, unshare, CloneFlags};
 pub struct NetNs {
     fd: OwnedFd,
     path: Option<PathBuf>,
+    /// One netlink socket per namespace value: opening one costs a thread (setns), and an
+    /// attach uses it for lo, eth0 and eth1.
+    netlink: std::sync::OnceLock<rtnetlink::Handle>,
 }
 
 fn nix_io(e: nix::Error) -> io::Error {
@@ -53,7 +56,11 @@ impl NetNs {
         })
         .join()
         .map_err(|_| io::Error::other("namespace worker thread panicked"))??;
-        Ok(NetNs { fd, path: None })
+        Ok(NetNs {
+            fd,
+            path: None,
+            netlink: std::sync::OnceLock::new(),
+        })
     }
 
     /// A new namespace bind-mounted at `path` (like `ip netns add`), so that it outlives
@@ -85,6 +92,7 @@ impl NetNs {
             Ok(fd) => Ok(NetNs {
                 fd,
                 path: Some(path.to_path_buf()),
+                netlink: std::sync::OnceLock::new(),
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(path);
@@ -99,6 +107,7 @@ impl NetNs {
         Ok(NetNs {
             fd,
             path: Some(path.to_path_buf()),
+            netlink: std::sync::OnceLock::new(),
         })
     }
 
@@ -129,8 +138,12 @@ impl NetNs {
     }
 
     /// A netlink (rtnetlink) handle whose socket lives in this namespace. Its connection is
-    /// driven by a task on the current tokio runtime.
+    /// driven by a task on the current tokio runtime (the first caller's); later calls share
+    /// the socket.
     pub fn netlink(&self) -> io::Result<rtnetlink::Handle> {
+        if let Some(h) = self.netlink.get() {
+            return Ok(h.clone());
+        }
         let raw = self.run(|| {
             let socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
             // The kernel's reason for a refusal ("A VXLAN device with the specified VNI
@@ -145,7 +158,9 @@ impl NetNs {
         let socket = unsafe { netlink_sys::TokioSocket::from_raw_fd(raw) };
         let (conn, handle, _) = rtnetlink::from_socket(socket);
         tokio::spawn(conn);
-        Ok(handle)
+        // Two first callers at once each made a socket: keep one, the other's closes with
+        // its handle.
+        Ok(self.netlink.get_or_init(|| handle).clone())
     }
 
     /// Makes `cmd` start inside this namespace (setns between fork and exec).
