@@ -236,8 +236,11 @@ async fn global_scope_one_create_serves_every_host() {
     // plugin still knows them.
     lab.lab.stop_daemon("vm2").unwrap();
     lab.lab.start_daemon("vm2").await.unwrap();
+    // (The restarted daemon answers before it has synced: `network ls` fails until then.)
     wait_until(|| {
-        lab.vx("vm2", &["network", "ls"]).contains("dnet")
+        let ls = lab.sh("vm2", &["vxnet", "network", "ls"]);
+        ls.status.success()
+            && String::from_utf8_lossy(&ls.stdout).contains("dnet")
             && endpoint_ips(&lab, "vm2", &net).len() == 3
     });
     assert!(ns_pings(&lab, "vm3", "c3", addr(&a)), "after vm2's restart");
