@@ -112,6 +112,75 @@ fn etcd_requests(lab: &Lab) -> (f64, f64) {
     (v3, v2)
 }
 
+/// What one `docker run -d` phase measured.
+struct Phase {
+    started: Duration,
+    reachable: Duration,
+    cpu: f64,
+    rss: f64,
+    etcd_v3: f64,
+    etcd_v2: f64,
+}
+
+/// Starts `n` containers on Docker network `net` on vm2 and waits until each answers a ping
+/// from `probe` (a namespace on vm3); `usage` gives the control plane's CPU and RSS.
+fn docker_phase(
+    lab: &Lab,
+    n: usize,
+    net: &str,
+    prefix: &str,
+    probe: &NetNs,
+    usage: &dyn Fn() -> (f64, f64),
+) -> Phase {
+    let (cpu0, _) = usage();
+    let (v3_0, v2_0) = etcd_requests(lab);
+    let started = Instant::now();
+    run_all(
+        lab,
+        (0..n)
+            .map(|i| {
+                [
+                    "run",
+                    "-d",
+                    "--name",
+                    &format!("{prefix}{i}"),
+                    "--net",
+                    net,
+                    TEST_IMAGE,
+                    "sleep",
+                    "3600",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            })
+            .collect(),
+        true,
+    );
+    let started_all = started.elapsed();
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let format = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
+    let mut args = vec!["inspect", "-f", format.as_str()];
+    args.extend(names.iter().map(String::as_str));
+    let ips: Vec<Ipv4Addr> = docker_out(lab, "vm2", &args)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(ips.len(), n);
+    all_reachable(probe, ips);
+    let reachable = started.elapsed();
+    let (cpu1, rss) = usage();
+    let (v3_1, v2_1) = etcd_requests(lab);
+    Phase {
+        started: started_all,
+        reachable,
+        cpu: cpu1 - cpu0,
+        rss,
+        etcd_v3: (v3_1 - v3_0) / n as f64,
+        etcd_v2: (v2_1 - v2_0) / n as f64,
+    }
+}
+
 /// Runs `commands` (argv on vm2), `PARALLEL` at a time; panics on a failure.
 fn run_all(lab: &Lab, commands: Vec<Vec<String>>, docker: bool) {
     let host = lab.host("vm2").expect("vm2");
@@ -217,6 +286,23 @@ async fn bench() {
             "dfleet",
         ],
     );
+    docker_out(
+        &lab,
+        "vm2",
+        &[
+            "network",
+            "create",
+            "-d",
+            "vxnet",
+            "--ipam-driver",
+            "vxnet",
+            "--subnet",
+            "10.22.0.0/16",
+            "-o",
+            "vxnet.network=pfleet",
+            "pfleet",
+        ],
+    );
     while vm3.network_inspect("fleet").await.is_err() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -244,6 +330,16 @@ async fn bench() {
     let dprobe_pid = docker_out(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "dprobe"]);
     let dprobe_ns =
         NetNs::open(&PathBuf::from(format!("/proc/{dprobe_pid}/ns/net"))).expect("docker probe ns");
+    docker_out(
+        &lab,
+        "vm3",
+        &[
+            "run", "-d", "--name", "pprobe", "--net", "pfleet", TEST_IMAGE, "sleep", "3600",
+        ],
+    );
+    let pprobe_pid = docker_out(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "pprobe"]);
+    let pprobe_ns =
+        NetNs::open(&PathBuf::from(format!("/proc/{pprobe_pid}/ns/net"))).expect("plugin probe ns");
 
     let daemon = role_pid(&lab, "vm2", "daemon");
     let dockerd = role_pid(&lab, "vm2", "dockerd");
@@ -302,70 +398,49 @@ async fn bench() {
     let (cpu1, vx_rss) = usage(daemon);
     let (v3_1, _) = etcd_requests(&lab);
 
-    // Docker's overlay.
-    let (dcpu0, _) = docker_usage();
-    let (_, v2_0) = etcd_requests(&lab);
-    let started = Instant::now();
-    run_all(
-        &lab,
-        (0..n)
-            .map(|i| {
-                [
-                    "run",
-                    "-d",
-                    "--name",
-                    &format!("d{i}"),
-                    "--net",
-                    "dfleet",
-                    TEST_IMAGE,
-                    "sleep",
-                    "3600",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-            })
-            .collect(),
-        true,
-    );
-    let dk_started = started.elapsed();
-    let names: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
-    let mut args = vec![
-        "inspect",
-        "-f",
-        "{{(index .NetworkSettings.Networks \"dfleet\").IPAddress}}",
-    ];
-    args.extend(names.iter().map(String::as_str));
-    let dips: Vec<Ipv4Addr> = docker_out(&lab, "vm2", &args)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
-    assert_eq!(dips.len(), n);
-    all_reachable(&dprobe_ns, dips);
-    let dk_reachable = started.elapsed();
-    let (dcpu1, dk_rss) = docker_usage();
-    let (_, v2_1) = etcd_requests(&lab);
+    // Docker's overlay, then vxnet through its Docker plugin: the same engine and image.
+    let overlay = docker_phase(&lab, n, "dfleet", "d", &dprobe_ns, &docker_usage);
+    let plugin = docker_phase(&lab, n, "pfleet", "p", &pprobe_ns, &|| {
+        let (c, r) = docker_usage();
+        let (c2, r2) = usage(daemon);
+        (c + c2, r + r2)
+    });
+    let (dk_started, dk_reachable) = (overlay.started, overlay.reachable);
 
     let one = |case: String, d: Duration| Summary::of(&case, &[d]);
     let summaries = vec![
-        one(format!("vxnet: start {n} containers on vm2"), vx_started),
+        one(
+            format!("vxnet run: start {n} containers on vm2"),
+            vx_started,
+        ),
         one(
             format!("Docker overlay: start {n} containers on vm2"),
             dk_started,
         ),
         one(
-            format!("vxnet: {n} started and all reachable from vm3"),
+            format!("vxnet run: {n} started, all reachable from vm3"),
             vx_reachable,
         ),
         one(
-            format!("Docker overlay: {n} started and all reachable from vm3"),
+            format!("Docker overlay: {n} started, all reachable from vm3"),
             dk_reachable,
+        ),
+        one(
+            format!("vxnet Docker plugin: start {n} containers on vm2"),
+            plugin.started,
+        ),
+        one(
+            format!("vxnet Docker plugin: {n} started, all reachable from vm3"),
+            plugin.reachable,
         ),
     ];
     let ratios = vec![
+        Ratio::of(&summaries[4], &summaries[1]),
+        Ratio::of(&summaries[5], &summaries[3]),
         Ratio::of(&summaries[0], &summaries[1]),
         Ratio::of(&summaries[2], &summaries[3]),
     ];
+    let per = |v: f64| v / n as f64;
     figures.extend([
         Figure {
             case: format!("vxnet daemon RSS with {n} local containers"),
@@ -373,28 +448,43 @@ async fn bench() {
             unit: "MiB",
         },
         Figure {
-            case: format!("dockerd + containerd RSS with {n} containers"),
-            value: dk_rss,
+            case: format!("Docker overlay: dockerd + containerd RSS after {n} containers"),
+            value: overlay.rss,
             unit: "MiB",
         },
         Figure {
-            case: format!("vxnet daemon CPU for {n} starts"),
+            case: format!("vxnet plugin: dockerd + containerd + vxnet RSS after {n} more"),
+            value: plugin.rss,
+            unit: "MiB",
+        },
+        Figure {
+            case: format!("vxnet run: vxnet daemon CPU for {n} starts"),
             value: cpu1 - cpu0,
             unit: "s",
         },
         Figure {
-            case: format!("dockerd + containerd CPU for {n} starts"),
-            value: dcpu1 - dcpu0,
+            case: format!("Docker overlay: dockerd + containerd CPU for {n} starts"),
+            value: overlay.cpu,
             unit: "s",
         },
         Figure {
-            case: "vxnet: etcd requests per container (v3 gRPC calls)".into(),
-            value: (v3_1 - v3_0) / n as f64,
+            case: format!("vxnet plugin: dockerd + containerd + vxnet CPU for {n} starts"),
+            value: plugin.cpu,
+            unit: "s",
+        },
+        Figure {
+            case: "vxnet run: etcd requests per container (v3 gRPC)".into(),
+            value: per(v3_1 - v3_0),
             unit: "requests",
         },
         Figure {
-            case: "Docker overlay: etcd requests per container (v2 reads + writes)".into(),
-            value: (v2_1 - v2_0) / n as f64,
+            case: "Docker overlay: etcd requests per container (v2 reads + writes, v3)".into(),
+            value: overlay.etcd_v2 + overlay.etcd_v3,
+            unit: "requests",
+        },
+        Figure {
+            case: "vxnet plugin: etcd requests per container (v3 gRPC + v2)".into(),
+            value: plugin.etcd_v3 + plugin.etcd_v2,
             unit: "requests",
         },
     ]);
