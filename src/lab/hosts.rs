@@ -1489,6 +1489,15 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
             report.gone += out.gone;
             report.stuck.extend(out.stuck);
         }
+        // A container (and its shim) that dockerd was starting while the passes above ran
+        // escaped them: look again now that nothing can start any more.
+        let late = super::docker::stop_containers_of_lab(state);
+        report.stopped += late.stopped;
+        report.stuck.extend(late.stuck);
+        let late_guests = sys::processes_in_mount_ns(&host_mnt, &ours);
+        let out = sys::stop(&late_guests.iter().collect::<Vec<_>>(), Duration::from_secs(5));
+        report.stopped += out.stopped;
+        report.stuck.extend(out.stuck);
     }
     let netns_dir = dir.join("netns");
     let ns_files: Vec<PathBuf> = std::fs::read_dir(&netns_dir)
