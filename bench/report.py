@@ -112,6 +112,13 @@ def markdown(machine, benches):
             for iface, st in offloads.items():
                 lines.append(f"| {iface} | " + " | ".join(
                     str(st.get(k, "–")).replace(" [fixed]", "") for k in keys) + " |")
+            vx = [(i, st) for i, st in offloads.items() if st.get("vxlan")]
+            if vx:
+                lines += ["", "VXLAN devices (`ip -d link`; `dev` shows the underlay's ifindex as "
+                          "named in the sandbox namespace):", ""]
+                for iface, st in vx:
+                    lines.append(f"- {iface}: `{st['vxlan']}`, bridge port learning "
+                                 f"{st.get('bridge-port-learning', '–')}")
     lines.append("")
     return "\n".join(lines)
 

@@ -313,6 +313,26 @@ fn offloads(
             out.insert("mtu".to_string(), mtu.to_string());
         }
     }
+    // The VXLAN devices' parameters, so that the hand-built layout can be checked against
+    // vxnet's and Docker's from the result file.
+    if ifname.contains("vx") {
+        let mut details = in_ns(lab, host_name, netns, "ip");
+        details.args(["-d", "-o", "link", "show", ifname]);
+        if let Ok(o) = details.output() {
+            let text = String::from_utf8_lossy(&o.stdout);
+            if let Some(rest) = text.split(" vxlan ").nth(1) {
+                // `ip -o` ends each part with a backslash: the VXLAN part, then the bridge port's.
+                let mut parts = rest.split('\\');
+                let vxlan = parts.next().unwrap_or_default().trim();
+                out.insert("vxlan".to_string(), format!("vxlan {vxlan}"));
+                let port = parts.next().unwrap_or_default();
+                if let Some(l) = port.split(" learning ").nth(1) {
+                    let l = l.split_whitespace().next().unwrap_or_default();
+                    out.insert("bridge-port-learning".to_string(), l.to_string());
+                }
+            }
+        }
+    }
     let mut cmd = in_ns(lab, host_name, netns, "ethtool");
     cmd.args(["-k", ifname]);
     match cmd.output() {
