@@ -34,6 +34,14 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v iptables >/dev/null || need+=(iptables)
 # (Debian's plain busybox package is dynamically linked: no use in an image without a libc.)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
+# The data-plane benchmark: TCP throughput with iperf3 inside lab namespaces, and the offload
+# state of the interfaces it measures (read only, never changed).
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ethtool >/dev/null || need+=(ethtool)
+# bench/run draws its charts with the system python's matplotlib (VXNET_DEPS_CHARTS=1).
+if [ "${VXNET_DEPS_CHARTS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+  need+=(python3-matplotlib)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "vxnet: installing ${need[*]}" >&2
