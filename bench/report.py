@@ -74,6 +74,11 @@ def markdown(machine, benches):
                     f"| {x.get('case')} | {x.get('baseline')} | {fmt_ratio(x.get('p50_ratio'))} | "
                     f"{fmt_ratio(x.get('p99_ratio'))} |"
                 )
+        figures = r.get("figures") or []
+        if figures:
+            lines += ["", "| figure | value |", "|---|---:|"]
+            for f in figures:
+                lines.append(f"| {f['case']} | {f['value']:.2f} {f.get('unit', '')} |")
         tput = r.get("throughput") or []
         if tput:
             lines += [
