@@ -164,6 +164,16 @@ async fn bench() {
         let base = bridge + ip;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let rate = |d: Duration| k as f64 / d.as_secs_f64();
+        // Printed as soon as known: a later size that fails must not lose this one.
+        println!(
+            "K={k}: vxnet {:.0} ms, baseline {:.0} ms (ratio {:.2}), generator {:.0} ms, \
+             removal {:.0} ms, RSS {rss_before}/{rss_with_k}/{rss_after} KiB",
+            ms(done),
+            ms(bridge + ip),
+            done.as_secs_f64() / (bridge + ip).as_secs_f64(),
+            ms(write),
+            ms(removed)
+        );
         cases.push(Case {
             k,
             generator_write_ms: ms(write),
@@ -265,7 +275,11 @@ async fn wait_for(
             let (ip, mac, _) = entry(i);
             let fdb = get_one(h, fdb_query(vx, &mac)).await.is_some();
             let neigh = get_one(h, neigh_query(vx, ip)).await.is_some();
-            if if present { !(fdb && neigh) } else { fdb || neigh } {
+            if if present {
+                !(fdb && neigh)
+            } else {
+                fdb || neigh
+            } {
                 pending.push(i);
             }
         }
@@ -325,11 +339,7 @@ async fn count(h: &rtnetlink::Handle, vx: u32) -> (usize, usize) {
         .into_iter()
         .enumerate()
     {
-        let mut dump = h
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute();
+        let mut dump = h.neighbours().get().set_address_family(family).execute();
         while let Some(n) = dump.try_next().await.expect("neighbour dump") {
             if n.header.ifindex == vx && n.header.state == NeighbourState::Permanent {
                 counts[i] += 1;
@@ -358,8 +368,20 @@ async fn baseline(k: usize) -> (Duration, Duration) {
     };
     run(&["ip", "link", "add", "br0", "type", "bridge"]);
     run(&[
-        "ip", "link", "add", "vxlan1", "type", "vxlan", "id", "4242", "dstport", "4789",
-        "local", "192.0.2.6", "nolearning", "proxy",
+        "ip",
+        "link",
+        "add",
+        "vxlan1",
+        "type",
+        "vxlan",
+        "id",
+        "4242",
+        "dstport",
+        "4789",
+        "local",
+        "192.0.2.6",
+        "nolearning",
+        "proxy",
     ]);
     run(&["ip", "link", "set", "vxlan1", "master", "br0", "up"]);
     run(&["ip", "link", "set", "br0", "up"]);
@@ -370,22 +392,41 @@ async fn baseline(k: usize) -> (Duration, Duration) {
     let neigh_file = dir.join("neigh.batch");
     {
         let mut fdb = std::io::BufWriter::new(std::fs::File::create(&fdb_file).expect("fdb"));
-        let mut neigh =
-            std::io::BufWriter::new(std::fs::File::create(&neigh_file).expect("neigh"));
+        let mut neigh = std::io::BufWriter::new(std::fs::File::create(&neigh_file).expect("neigh"));
         for i in 0..k {
             let (ip, mac, vtep) = entry(i);
-            writeln!(fdb, "fdb replace {mac} dev vxlan1 dst {vtep} self permanent").expect("w");
-            writeln!(neigh, "neigh replace {ip} lladdr {mac} dev vxlan1 nud permanent")
-                .expect("w");
+            writeln!(
+                fdb,
+                "fdb replace {mac} dev vxlan1 dst {vtep} self permanent"
+            )
+            .expect("w");
+            writeln!(
+                neigh,
+                "neigh replace {ip} lladdr {mac} dev vxlan1 nud permanent"
+            )
+            .expect("w");
         }
         fdb.flush().expect("flush");
         neigh.flush().expect("flush");
     }
     let bridge = run(&["bridge", "-batch", fdb_file.to_str().expect("path")]);
     let ip = run(&["ip", "-batch", neigh_file.to_str().expect("path")]);
-    let h = ns.netlink().expect("netlink");
-    let vx = link_index(&h, "vxlan1").await;
-    let (f, n) = count(&h, vx).await;
+    // Checked with iproute2 itself: the oracle's own view of what it loaded.
+    let lines = |args: &[&str], pat: &str| {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        ns.command(&mut cmd).expect("setns");
+        let out = cmd.output().expect("iproute2");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(pat))
+            .count()
+    };
+    let f = lines(
+        &["bridge", "fdb", "show", "dev", "vxlan1"],
+        " self permanent",
+    );
+    let n = lines(&["ip", "neigh", "show", "dev", "vxlan1"], "PERMANENT");
     assert_eq!((f, n), (k, k), "the baseline did not load every entry");
     let _ = std::fs::remove_dir_all(&dir);
     (bridge, ip)
@@ -436,7 +477,9 @@ impl Generator {
 
     fn remove(&self) -> tokio::sync::oneshot::Receiver<()> {
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.jobs.send(Job::Remove { done }).expect("generator gone");
+        self.jobs
+            .send(Job::Remove { done })
+            .expect("generator gone");
         rx
     }
 
@@ -476,9 +519,7 @@ async fn write_load(store: &EtcdStore, keys: &Keys, net: &Id, run: usize, k: usi
         futures::future::try_join_all((0..FAKE_NODES).map(|_| store.grant_lease(LIMIT * 2)))
             .await
             .expect("leases");
-    let nodes: Vec<Id> = (0..FAKE_NODES)
-        .map(|n| fake_id(0xf00d, run, n))
-        .collect();
+    let nodes: Vec<Id> = (0..FAKE_NODES).map(|n| fake_id(0xf00d, run, n)).collect();
     let ops: Vec<Op> = nodes
         .iter()
         .enumerate()
@@ -540,7 +581,12 @@ async fn write_load(store: &EtcdStore, keys: &Keys, net: &Id, run: usize, k: usi
 
 /// A valid 64-hex ID that no random ID collides with in practice: a fixed 16-hex tag.
 fn fake_id(kind: u64, run: usize, i: usize) -> Id {
-    format!("{:016x}{:016x}{:032x}", 0xfa4e_0000_0000_0000u64 | kind, run, i)
-        .parse()
-        .expect("fake id")
+    format!(
+        "{:016x}{:016x}{:032x}",
+        0xfa4e_0000_0000_0000u64 | kind,
+        run,
+        i
+    )
+    .parse()
+    .expect("fake id")
 }
