@@ -7,15 +7,40 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 /// A 64-hex-character random identifier, Docker style (shown shortened to 12).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Id(String);
+///
+/// Shared text: a clone is a reference count, so the view can hold one ID in several
+/// places (map key, record field) for the price of one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(Arc<str>);
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an ID string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
+                Ok(Id(Arc::from(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 impl Id {
     pub const LEN: usize = 64;
@@ -24,7 +49,8 @@ impl Id {
     pub fn random() -> Self {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
-        Id(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Id(Arc::from(text))
     }
 
     pub fn as_str(&self) -> &str {
@@ -46,7 +72,7 @@ impl FromStr for Id {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.len() == Self::LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            Ok(Id(s.to_string()))
+            Ok(Id(Arc::from(s)))
         } else {
             Err(format!("{s:?} is not a 64-character lowercase hex ID"))
         }

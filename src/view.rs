@@ -4,7 +4,7 @@
 //! watch breaks it resumes from the last revision it applied; when that revision has been
 //! compacted away it re-lists (flannel does the same). It never polls.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -30,6 +30,39 @@ pub struct ClusterView {
     pub cursors: BTreeMap<NetworkId, Ipv4Addr>,
     /// The store revision this view reflects (0 until the first list).
     pub revision: i64,
+    /// Each network's endpoints by overlay address: the reconciler looks a changed address
+    /// up here instead of scanning the network. IPAM keeps addresses unique per network.
+    by_ip: HashMap<NetworkId, HashMap<Ipv4Addr, EndpointId>>,
+    /// What changed for remote-endpoint programming since the reconciler last took it.
+    peer_changes: PeerChanges,
+}
+
+/// What changed, since the last [`SharedView::take_peer_changes`], in what decides a host's
+/// FDB/neighbour entries: lets the reconciler apply a burst of endpoint events without
+/// recomputing every network from the whole view.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerChanges {
+    /// Recompute everything: the view was (re-)listed, or a node appeared, went or moved
+    /// its VTEP (which touches every endpoint of that node).
+    pub all: bool,
+    /// Per network, the overlay addresses whose endpoint appeared, changed or went.
+    pub addrs: HashMap<NetworkId, HashSet<Ipv4Addr>>,
+}
+
+impl PeerChanges {
+    fn touch(&mut self, net: &NetworkId, ip: Ipv4Addr) {
+        if self.all {
+            return;
+        }
+        match self.addrs.get_mut(net) {
+            Some(set) => {
+                set.insert(ip);
+            }
+            None => {
+                self.addrs.insert(net.clone(), HashSet::from([ip]));
+            }
+        }
+    }
 }
 
 impl ClusterView {
@@ -40,6 +73,10 @@ impl ClusterView {
             view.put(keys, kv);
         }
         view.revision = revision;
+        view.peer_changes = PeerChanges {
+            all: true,
+            addrs: HashMap::new(),
+        };
         view
     }
 
@@ -50,19 +87,14 @@ impl ClusterView {
             WatchEvent::Put(kv) => self.put(keys, kv),
             WatchEvent::Delete { key, .. } => match keys.classify(key) {
                 KeyKind::Node(id) => {
-                    self.nodes.remove(&id);
+                    if self.nodes.remove(&id).is_some() {
+                        self.peer_changes.all = true;
+                    }
                 }
                 KeyKind::Network(id) => {
                     self.networks.remove(&id);
                 }
-                KeyKind::Endpoint(net, id) => {
-                    if let Some(eps) = self.endpoints.get_mut(&net) {
-                        eps.remove(&id);
-                        if eps.is_empty() {
-                            self.endpoints.remove(&net);
-                        }
-                    }
-                }
+                KeyKind::Endpoint(net, id) => self.remove_endpoint(&net, &id),
                 KeyKind::Cursor(net) => {
                     self.cursors.remove(&net);
                 }
@@ -83,7 +115,14 @@ impl ClusterView {
         }
         match keys.classify(&kv.key) {
             KeyKind::Node(id) => {
-                if let Some(node) = parse(kv) {
+                if let Some(node) = parse::<Node>(kv) {
+                    let same_vtep = self
+                        .nodes
+                        .get(&id)
+                        .is_some_and(|old| old.advertise_addr == node.advertise_addr);
+                    if !same_vtep {
+                        self.peer_changes.all = true;
+                    }
                     self.nodes.insert(id, node);
                 }
             }
@@ -101,7 +140,7 @@ impl ClusterView {
             }
             KeyKind::Endpoint(net, id) => {
                 if let Some(ep) = parse(kv) {
-                    self.endpoints.entry(net).or_default().insert(id, ep);
+                    self.put_endpoint(net, id, ep);
                 }
             }
             KeyKind::Cursor(net) => {
@@ -114,6 +153,81 @@ impl ClusterView {
             }
             KeyKind::Other => {}
         }
+    }
+
+    fn put_endpoint(&mut self, net: NetworkId, id: EndpointId, mut ep: Endpoint) {
+        // Share the IDs' text with the keys already held (the same values): at tens of
+        // thousands of endpoints, three copies of 64-character IDs each add up.
+        if ep.id == id {
+            ep.id = id.clone();
+        }
+        if let Some((known, _)) = self.nodes.get_key_value(&ep.node_id) {
+            ep.node_id = known.clone();
+        }
+        let net = match self.networks.get_key_value(&net) {
+            Some((known, _)) => known.clone(),
+            None => net,
+        };
+        if ep.network_id == net {
+            ep.network_id = net.clone();
+        }
+        self.peer_changes.touch(&net, ep.ip);
+        let by_ip = self.by_ip.entry(net.clone()).or_default();
+        by_ip.insert(ep.ip, id.clone());
+        let old = self
+            .endpoints
+            .entry(net.clone())
+            .or_default()
+            .insert(id.clone(), ep);
+        if let Some(old) = old {
+            self.forget_ip(&net, &id, old.ip);
+        }
+    }
+
+    fn remove_endpoint(&mut self, net: &NetworkId, id: &EndpointId) {
+        let Some(eps) = self.endpoints.get_mut(net) else {
+            return;
+        };
+        let Some(old) = eps.remove(id) else {
+            return;
+        };
+        if eps.is_empty() {
+            self.endpoints.remove(net);
+        }
+        self.forget_ip(net, id, old.ip);
+    }
+
+    /// Drops endpoint `id`'s former address `ip` from the index, unless `id` was re-put
+    /// with the same address or the address now belongs to another endpoint.
+    fn forget_ip(&mut self, net: &NetworkId, id: &EndpointId, ip: Ipv4Addr) {
+        let current = self
+            .endpoints
+            .get(net)
+            .and_then(|eps| eps.get(id))
+            .map(|e| e.ip);
+        if current == Some(ip) {
+            return;
+        }
+        self.peer_changes.touch(net, ip);
+        if let Some(by_ip) = self.by_ip.get_mut(net) {
+            if by_ip.get(&ip) == Some(id) {
+                by_ip.remove(&ip);
+            }
+            if by_ip.is_empty() {
+                self.by_ip.remove(net);
+            }
+        }
+    }
+
+    /// The endpoint holding `ip` in `net`, if any.
+    pub fn endpoint_at(&self, net: &NetworkId, ip: Ipv4Addr) -> Option<&Endpoint> {
+        let id = self.by_ip.get(net)?.get(&ip)?;
+        self.endpoints.get(net)?.get(id)
+    }
+
+    /// Takes what changed for peer programming since the last call.
+    pub fn take_peer_changes(&mut self) -> PeerChanges {
+        std::mem::take(&mut self.peer_changes)
     }
 
     /// What this view knows of every network, for a create's first attempt.
@@ -171,6 +285,15 @@ impl SharedView {
         tokio::time::timeout(limit, rx.wait_for(|r| *r >= revision))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Takes what changed for peer programming since the last call (the reconciler is the
+    /// one taker).
+    pub fn take_peer_changes(&self) -> PeerChanges {
+        match self.inner.write() {
+            Ok(mut v) => v.take_peer_changes(),
+            Err(poisoned) => poisoned.into_inner().take_peer_changes(),
+        }
     }
 
     /// A receiver that changes whenever the view reaches a new revision.

@@ -97,6 +97,14 @@ pub enum DataplaneError {
 
     #[error("invalid {what}: {detail}")]
     InvalidSpec { what: &'static str, detail: String },
+
+    /// A batch socket (many requests per system call) could not be opened or used.
+    #[error("netlink socket for {what}: {source}; retry")]
+    Socket {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl DataplaneError {

@@ -220,6 +220,10 @@ impl EtcdConfig {
     }
 }
 
+/// gRPC's default 4 MB cap on one answer is reached by a listing (or a lagging watch's
+/// batch) of about 10,000 endpoints; the view must be able to hold far more.
+const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// An etcd client. The connection is lazy: building it never fails because etcd is down,
 /// refuses the TLS handshake or the credentials; requests do (after `request_timeout` at
 /// most), and each request after a failed connect tries again.
@@ -533,7 +537,7 @@ impl Store for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let resp = self
             .call_retrying(|c| {
-                let mut kv = c.kv_client();
+                let mut kv = c.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
                 let prefix = prefix.to_string();
                 async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
@@ -613,7 +617,11 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<WatchStream, StoreError> {
-        let mut watch = self.client().await?.watch_client();
+        let mut watch = self
+            .client()
+            .await?
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from)
