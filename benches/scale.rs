@@ -61,7 +61,10 @@ fn sizes() -> Vec<usize> {
     std::env::var("VXNET_SCALE_K")
         .ok()
         .map(|s| s.split(',').filter_map(|k| k.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![10_000, 50_000])
+        .unwrap_or_else(|| match std::env::var_os("VXNET_BENCH_QUICK") {
+            Some(_) => vec![1_000],
+            None => vec![10_000, 50_000],
+        })
 }
 
 #[derive(Serialize)]
@@ -113,15 +116,22 @@ async fn bench() {
         })
         .await
         .expect("network create");
-    // One local container, so that vm2 has the network's sandbox.
-    client
-        .container_create(&CreateRequest {
-            name: Some("anchor".into()),
-            network: "scale".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("anchor container");
+    // A local container, so that vm2 has the network's sandbox. A container created through
+    // the API without a process is cleaned up after 30 s (and the sandbox with its last
+    // one), so a fresh one is made before each phase below: phases take under 30 s.
+    let anchors = std::sync::atomic::AtomicUsize::new(0);
+    let anchor = || async {
+        let i = anchors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        client
+            .container_create(&CreateRequest {
+                name: Some(format!("anchor{i}")),
+                network: "scale".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("anchor container");
+    };
+    anchor().await;
     let daemon_pid = vm2
         .processes()
         .iter()
@@ -147,6 +157,7 @@ async fn bench() {
     let rss_idle = rss_kib(daemon_pid);
     let mut cases = Vec::new();
     for (run, k) in sizes().into_iter().enumerate() {
+        anchor().await;
         let rss_before = rss_kib(daemon_pid);
         let started = Instant::now();
         let write = generator.load(run, k);
@@ -154,6 +165,7 @@ async fn bench() {
         let write = write.await.expect("generator");
         let rss_with_k = rss_kib(daemon_pid);
 
+        anchor().await;
         let started = Instant::now();
         generator.remove().await.expect("generator");
         let removed = wait_for(&sh, vx, k, false, started).await;

@@ -1495,7 +1495,10 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         report.stopped += late.stopped;
         report.stuck.extend(late.stuck);
         let late_guests = sys::processes_in_mount_ns(&host_mnt, &ours);
-        let out = sys::stop(&late_guests.iter().collect::<Vec<_>>(), Duration::from_secs(5));
+        let out = sys::stop(
+            &late_guests.iter().collect::<Vec<_>>(),
+            Duration::from_secs(5),
+        );
         report.stopped += out.stopped;
         report.stuck.extend(out.stuck);
     }
