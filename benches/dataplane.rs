@@ -30,14 +30,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde::Serialize;
 use support::{Machine, Ratio, Summary};
-use vxnet::docker::Scope;
-use vxnet::lab::{DockerOptions, Host, Lab, LabGuard, LabOptions, TEST_IMAGE};
+use vxnet::lab::{Host, Lab, TEST_IMAGE};
 
 /// Clear of vxnet's automatic VNIs (from 2^20) and Docker's (from 256, one per network).
 const HAND_BUILT_VNI: u32 = 4242;
@@ -97,12 +95,6 @@ fn output(mut cmd: Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn docker(lab: &Lab, host_name: &str, args: &[&str]) -> String {
-    let mut cmd = host(lab, host_name).docker().expect("docker client");
-    cmd.args(args);
-    output(cmd, &format!("docker {args:?} on {host_name}"))
 }
 
 fn sh(lab: &Lab, host_name: &str, script: &str) -> String {
@@ -442,25 +434,7 @@ async fn bench() {
     let secs: u32 = if quick { 1 } else { 5 };
     let ping_count = if quick { 20 } else { 100 };
 
-    let name = format!("bench-dp-{}", std::process::id());
-    let mut opts = LabOptions::new(&name, PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
-    opts.docker_scope = Scope::Global;
-    let lab = LabGuard::new(
-        Lab::up(opts)
-            .await
-            .unwrap_or_else(|e| panic!("cannot start the bench lab: {e}")),
-    );
-    let docker_opts = DockerOptions {
-        cluster_store: true,
-        ..Default::default()
-    };
-    for h in ["vm2", "vm3"] {
-        lab.start_docker(h, &docker_opts)
-            .await
-            .unwrap_or_else(|e| panic!("dockerd on {h}: {e}"));
-        lab.import_test_image(h)
-            .unwrap_or_else(|e| panic!("test image on {h}: {e}"));
-    }
+    let lab = support::docker_lab("bench-dp", 3).await;
     let vm2 = host(&lab, "vm2").clone();
     let vm3 = host(&lab, "vm3").clone();
 
@@ -505,7 +479,7 @@ async fn bench() {
     let vx_sandbox = format!("/run/vxnet/netns/1-{}", &vx_id[..10]);
 
     // Docker: its own overlay and a vxnet plugin network, one container per host on each.
-    docker(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -518,7 +492,7 @@ async fn bench() {
             "ov",
         ],
     );
-    docker(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -537,15 +511,15 @@ async fn bench() {
     );
     let docker_end = |h: &'static str, net: &str| -> End {
         let c = format!("{net}-{h}");
-        docker(
+        support::docker(
             &lab,
             h,
             &[
                 "run", "-d", "--name", &c, "--net", net, TEST_IMAGE, "sleep", "3600",
             ],
         );
-        let pid = docker(&lab, h, &["inspect", "-f", "{{.State.Pid}}", &c]);
-        let ip = docker(
+        let pid = support::docker(&lab, h, &["inspect", "-f", "{{.State.Pid}}", &c]);
+        let ip = support::docker(
             &lab,
             h,
             &[
@@ -566,8 +540,8 @@ async fn bench() {
     };
     let ov = [docker_end("vm2", "ov"), docker_end("vm3", "ov")];
     let vxd = [docker_end("vm2", "vxd"), docker_end("vm3", "vxd")];
-    let ov_id = docker(&lab, "vm2", &["network", "inspect", "-f", "{{.Id}}", "ov"]);
-    let vxd_id = docker(&lab, "vm2", &["network", "inspect", "-f", "{{.Id}}", "vxd"]);
+    let ov_id = support::docker(&lab, "vm2", &["network", "inspect", "-f", "{{.Id}}", "ov"]);
+    let vxd_id = support::docker(&lab, "vm2", &["network", "inspect", "-f", "{{.Id}}", "vxd"]);
 
     // The hand-built overlay.
     let hb_guard = HandBuilt { lab: &lab };

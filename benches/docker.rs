@@ -18,35 +18,18 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use support::{Ratio, Summary};
-use vxnet::docker::Scope;
-use vxnet::lab::{DockerOptions, Lab, LabGuard, LabOptions, TEST_IMAGE};
+use vxnet::lab::{Lab, TEST_IMAGE};
 
 fn main() {
     support::block_on(bench());
 }
 
-fn docker(lab: &Lab, host: &str, args: &[&str]) -> String {
-    let mut cmd = lab
-        .host(host)
-        .expect("host")
-        .docker()
-        .expect("docker client");
-    let out = cmd.args(args).output().expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?} on {host}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn timed_run(lab: &Lab, net: &str) -> Duration {
     let started = Instant::now();
-    docker(
+    support::docker(
         lab,
         "vm2",
         &["run", "--rm", "--net", net, TEST_IMAGE, "true"],
@@ -66,26 +49,8 @@ fn added(case: &Summary, baseline: &Summary, other: &Summary) -> Ratio {
 
 async fn bench() {
     let runs = support::runs(20);
-    let name = format!("bench-docker-{}", std::process::id());
-    let mut opts = LabOptions::new(&name, PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
-    opts.docker_scope = Scope::Global;
-    let lab = LabGuard::new(
-        Lab::up(opts)
-            .await
-            .unwrap_or_else(|e| panic!("cannot start the bench lab: {e}")),
-    );
-    let docker_opts = DockerOptions {
-        cluster_store: true,
-        ..Default::default()
-    };
-    for host in ["vm2", "vm3"] {
-        lab.start_docker(host, &docker_opts)
-            .await
-            .unwrap_or_else(|e| panic!("dockerd on {host}: {e}"));
-        lab.import_test_image(host)
-            .unwrap_or_else(|e| panic!("test image on {host}: {e}"));
-    }
-    docker(
+    let lab = support::docker_lab("bench-docker", 3).await;
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -102,7 +67,7 @@ async fn bench() {
             "vx",
         ],
     );
-    docker(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -118,7 +83,7 @@ async fn bench() {
     // A user-defined bridge network: Docker's own per-network work (sandbox, embedded DNS,
     // gateway bridge for non-bridge drivers aside) with the cheapest driver, so that what the
     // two overlay drivers add on top of it can be told apart from what Docker adds anyway.
-    docker(
+    support::docker(
         &lab,
         "vm2",
         &["network", "create", "--subnet", "10.6.0.0/16", "br"],
@@ -138,7 +103,7 @@ async fn bench() {
         })
         .collect();
     for (_, net) in &cases[1..] {
-        docker(
+        support::docker(
             &lab,
             "vm2",
             &[

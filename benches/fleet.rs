@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use support::{Machine, Ratio, Summary};
-use vxnet::docker::Scope;
-use vxnet::lab::{DockerOptions, Lab, LabGuard, LabOptions, TEST_IMAGE};
+use vxnet::lab::{Lab, TEST_IMAGE};
 use vxnet::netns::NetNs;
 
 const PARALLEL: usize = 8;
@@ -162,7 +161,7 @@ fn docker_phase(
     let format = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
     let mut args = vec!["inspect", "-f", format.as_str()];
     args.extend(names.iter().map(String::as_str));
-    let ips: Vec<Ipv4Addr> = docker_out(lab, "vm2", &args)
+    let ips: Vec<Ipv4Addr> = support::docker(lab, "vm2", &args)
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
@@ -226,23 +225,6 @@ fn all_reachable(ns: &NetNs, ips: Vec<Ipv4Addr>) {
     .expect("reachability");
 }
 
-fn docker_out(lab: &Lab, host: &str, args: &[&str]) -> String {
-    let out = lab
-        .host(host)
-        .expect("host")
-        .docker()
-        .expect("docker")
-        .args(args)
-        .output()
-        .expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 async fn bench() {
     let n: usize = std::env::var("VXNET_FLEET")
         .ok()
@@ -252,18 +234,7 @@ async fn bench() {
         } else {
             200
         });
-    let name = format!("bench-fleet-{}", std::process::id());
-    let mut opts = LabOptions::new(&name, PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
-    opts.docker_scope = Scope::Global;
-    let lab = LabGuard::new(Lab::up(opts).await.expect("bench lab"));
-    let docker_opts = DockerOptions {
-        cluster_store: true,
-        ..Default::default()
-    };
-    for host in ["vm2", "vm3"] {
-        lab.start_docker(host, &docker_opts).await.expect("dockerd");
-        lab.import_test_image(host).expect("image");
-    }
+    let lab = support::docker_lab("bench-fleet", 3).await;
     let vm2 = lab.host("vm2").expect("vm2").client();
     let vm3 = lab.host("vm3").expect("vm3").client();
     vm2.network_create(&vxnet::cluster::NetworkCreate {
@@ -273,7 +244,7 @@ async fn bench() {
     })
     .await
     .expect("vxnet network");
-    docker_out(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -286,7 +257,7 @@ async fn bench() {
             "dfleet",
         ],
     );
-    docker_out(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -320,24 +291,24 @@ async fn bench() {
         probe.netns.display()
     )))
     .expect("probe ns");
-    docker_out(
+    support::docker(
         &lab,
         "vm3",
         &[
             "run", "-d", "--name", "dprobe", "--net", "dfleet", TEST_IMAGE, "sleep", "3600",
         ],
     );
-    let dprobe_pid = docker_out(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "dprobe"]);
+    let dprobe_pid = support::docker(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "dprobe"]);
     let dprobe_ns =
         NetNs::open(&PathBuf::from(format!("/proc/{dprobe_pid}/ns/net"))).expect("docker probe ns");
-    docker_out(
+    support::docker(
         &lab,
         "vm3",
         &[
             "run", "-d", "--name", "pprobe", "--net", "pfleet", TEST_IMAGE, "sleep", "3600",
         ],
     );
-    let pprobe_pid = docker_out(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "pprobe"]);
+    let pprobe_pid = support::docker(&lab, "vm3", &["inspect", "-f", "{{.State.Pid}}", "pprobe"]);
     let pprobe_ns =
         NetNs::open(&PathBuf::from(format!("/proc/{pprobe_pid}/ns/net"))).expect("plugin probe ns");
 

@@ -15,8 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Ratio, Summary};
-use vxnet::docker::Scope;
-use vxnet::lab::{DockerOptions, Lab, LabGuard, LabOptions, TEST_IMAGE};
+use vxnet::lab::TEST_IMAGE;
 use vxnet::netns::NetNs;
 
 const PARALLEL: usize = 8;
@@ -85,44 +84,11 @@ fn mesh_reachable(probes: Vec<(usize, NetNs)>, ips: &[(usize, Ipv4Addr)]) {
     });
 }
 
-fn docker_out(lab: &Lab, host: &str, args: &[&str]) -> String {
-    let out = lab
-        .host(host)
-        .expect("host")
-        .docker()
-        .expect("docker")
-        .args(args)
-        .output()
-        .expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?} on {host}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 async fn bench() {
     let hosts = env_or("VXNET_MESH_HOSTS", 4, 20);
     let per_host = env_or("VXNET_MESH_PER_HOST", 4, 20);
-    let name = format!("bench-mesh-{}", std::process::id());
-    let mut opts = LabOptions::new(&name, PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
-    opts.hosts = hosts + 1;
-    opts.docker_scope = Scope::Global;
-    opts.ready_timeout = Duration::from_secs(120);
-    let lab = LabGuard::new(Lab::up(opts).await.expect("bench lab"));
+    let lab = support::docker_lab("bench-mesh", hosts + 1).await;
     let names: Vec<String> = (2..=hosts + 1).map(|k| format!("vm{k}")).collect();
-    let docker_opts = DockerOptions {
-        cluster_store: true,
-        ready_timeout: Some(Duration::from_secs(120)),
-        ..Default::default()
-    };
-    let started =
-        futures::future::join_all(names.iter().map(|h| lab.start_docker(h, &docker_opts))).await;
-    for (h, r) in names.iter().zip(started) {
-        r.unwrap_or_else(|e| panic!("dockerd on {h}: {e}"));
-        lab.import_test_image(h).expect("image");
-    }
     let first = lab.host("vm2").expect("vm2").client();
     first
         .network_create(&vxnet::cluster::NetworkCreate {
@@ -132,7 +98,7 @@ async fn bench() {
         })
         .await
         .expect("vxnet network");
-    docker_out(
+    support::docker(
         &lab,
         "vm2",
         &[
@@ -227,12 +193,12 @@ async fn bench() {
         let all: Vec<String> = (0..per_host).map(|i| format!("d{i}-{h}")).collect();
         let mut args = vec!["inspect", "-f", fmt];
         args.extend(all.iter().map(String::as_str));
-        for l in docker_out(&lab, h, &args).lines() {
+        for l in support::docker(&lab, h, &args).lines() {
             if let Ok(ip) = l.trim().parse() {
                 dips.push((k, ip));
             }
         }
-        let pid = docker_out(
+        let pid = support::docker(
             &lab,
             h,
             &["inspect", "-f", "{{.State.Pid}}", &format!("d0-{h}")],

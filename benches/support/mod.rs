@@ -269,3 +269,54 @@ fn checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// A lab of `hosts` hosts (vm1 etcd, vm2… daemons serving the plugin in global scope) with a
+/// Docker 20.10 engine on every daemon host, started with `--cluster-store` on the lab's
+/// etcd (the seed's set-up), and the test image imported. Gone when dropped.
+pub async fn docker_lab(prefix: &str, hosts: usize) -> vxnet::lab::LabGuard {
+    use vxnet::lab::{DockerOptions, Lab, LabGuard, LabOptions};
+    let name = format!("{prefix}-{}", std::process::id());
+    let mut opts = LabOptions::new(&name, std::path::PathBuf::from(env!("CARGO_BIN_EXE_vxnet")));
+    opts.hosts = hosts;
+    opts.docker_scope = vxnet::docker::Scope::Global;
+    // Many hosts on two cores start slowly.
+    let ready = Duration::from_secs(30 + 5 * hosts as u64);
+    opts.ready_timeout = ready;
+    let lab = LabGuard::new(
+        Lab::up(opts)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start the bench lab: {e}")),
+    );
+    let docker_opts = DockerOptions {
+        cluster_store: true,
+        ready_timeout: Some(ready),
+        ..Default::default()
+    };
+    let names: Vec<String> = (2..=hosts).map(|k| format!("vm{k}")).collect();
+    let started =
+        futures::future::join_all(names.iter().map(|h| lab.start_docker(h, &docker_opts))).await;
+    for (h, r) in names.iter().zip(started) {
+        r.unwrap_or_else(|e| panic!("dockerd on {h}: {e}"));
+        lab.import_test_image(h)
+            .unwrap_or_else(|e| panic!("test image on {h}: {e}"));
+    }
+    lab
+}
+
+/// `docker ARGS` on a lab host against its own engine; panics on failure, returns stdout.
+pub fn docker(lab: &vxnet::lab::Lab, host: &str, args: &[&str]) -> String {
+    let out = lab
+        .host(host)
+        .expect("host")
+        .docker()
+        .expect("docker client")
+        .args(args)
+        .output()
+        .expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?} on {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
