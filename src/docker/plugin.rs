@@ -113,10 +113,6 @@ impl DockerPlugin {
         })
     }
 
-    pub fn scope(&self) -> Scope {
-        self.scope
-    }
-
     /// A network by vxnet ID: from the view, or from the store when the view lags.
     async fn network_by_id(&self, id: &NetworkId) -> Result<Option<StoredNetwork>, Error> {
         if let Some(n) = self.view.with(|v| v.networks.get(id).cloned()) {
@@ -436,8 +432,6 @@ impl DockerPlugin {
             }
         };
         let record = EndpointRecord {
-            docker_network_id: req.network_id,
-            prefix_len: net.subnet.prefix_len(),
             sandbox_ifname: format!("veth{}", &id.as_str()[..7]),
             runtime_ifname: format!("vxd{}", &id.as_str()[..10]),
             joined: false,

@@ -27,9 +27,7 @@ pub struct NetworkBinding {
 /// A Docker endpoint on this host: its vxnet endpoint and the port made for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
-    pub docker_network_id: String,
     pub endpoint: Endpoint,
-    pub prefix_len: u8,
     /// The veth's end on the sandbox's br0.
     pub sandbox_ifname: String,
     /// The veth's other end, handed to Docker at Join (Docker's `SrcName`).
