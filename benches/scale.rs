@@ -344,7 +344,7 @@ async fn get_one(h: &rtnetlink::Handle, msg: NeighbourMessage) -> Option<Neighbo
     found
 }
 
-/// Permanent FDB entries and permanent neighbours on `vx` (a full dump of each table).
+/// vxnet's permanent FDB entries and permanent neighbours on `vx` (a full dump of each table).
 async fn count(h: &rtnetlink::Handle, vx: u32) -> (usize, usize) {
     let mut counts = [0usize; 2];
     for (i, family) in [AddressFamily::Bridge, AddressFamily::Inet]
@@ -353,7 +353,12 @@ async fn count(h: &rtnetlink::Handle, vx: u32) -> (usize, usize) {
     {
         let mut dump = h.neighbours().get().set_address_family(family).execute();
         while let Some(n) = dump.try_next().await.expect("neighbour dump") {
-            if n.header.ifindex == vx && n.header.state == NeighbourState::Permanent {
+            // On the bridge side only vxnet's own (`self`) entries: the bridge's entry for
+            // vxlan1's own MAC (`master br0 permanent`) is never removed, and counting it
+            // made "none left" wait until the sandbox itself went.
+            let ours =
+                family != AddressFamily::Bridge || n.header.flags.contains(NeighbourFlags::Own);
+            if n.header.ifindex == vx && n.header.state == NeighbourState::Permanent && ours {
                 counts[i] += 1;
             }
         }
