@@ -79,6 +79,18 @@ def markdown(machine, benches):
             lines += ["", "| figure | value |", "|---|---:|"]
             for f in figures:
                 lines.append(f"| {f['case']} | {f['value']:.2f} {f.get('unit', '')} |")
+        cases = r.get("cases") or []
+        if cases:
+            # scale.json: one row per K, the bench's own fields as columns.
+            keys = list(cases[0].keys())
+            if "rss_idle_kib" in r:
+                lines += [f"Daemon RSS idle: {r['rss_idle_kib']} KiB.", ""]
+            lines += ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                      "|" + "---:|" * len(keys)]
+            for c in cases:
+                cells = [f"{c[k]:.2f}" if isinstance(c[k], float) and c[k] < 10 else
+                         f"{c[k]:.0f}" if isinstance(c[k], float) else str(c[k]) for k in keys]
+                lines.append("| " + " | ".join(cells) + " |")
         tput = r.get("throughput") or []
         if tput:
             lines += [
