@@ -46,6 +46,8 @@ pub struct DaemonConfig {
     pub socket_group: Option<String>,
     /// Serve Docker's network and IPAM plugin protocols (`--docker-plugin`).
     pub docker_plugin: Option<crate::docker::PluginConfig>,
+    /// Container namespaces kept ready ahead of creates (`--netns-pool`; 0: none).
+    pub netns_pool: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +168,7 @@ pub async fn run(
         reconciler.clone(),
         registry,
         config.run_dir.clone(),
+        config.netns_pool,
     );
     let (plugin, plugin_server) = match &config.docker_plugin {
         Some(pc) => {
@@ -199,6 +202,7 @@ pub async fn run(
         plugin,
     ));
     let firewall_owner = reconciler.clone();
+    let pool_owner = containers.clone();
     let app = router(Arc::new(ApiState {
         cluster,
         containers,
@@ -221,6 +225,7 @@ pub async fn run(
         server.abort();
         let _ = std::fs::remove_file(&pc.socket);
     }
+    pool_owner.drain_namespace_pool();
     // A clean stop leaves no rule of ours behind (a restart programs them again).
     if let Err(e) = firewall_owner.remove_firewall().await {
         tracing::warn!(error = %e, "cannot remove vxnet's nftables table");

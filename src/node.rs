@@ -52,6 +52,17 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// Writes a file by write-to-temporary + rename, without fsync: a crash of this process
+/// leaves the old or the new content (the page cache outlives the process), a power loss
+/// may leave either or an empty file. For state that dies with the machine anyway (a
+/// container's record: its process does not survive a reboot), where an fsync per write
+/// would be most of an attach's cost on a disk.
+pub fn write_replacing(path: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, content)?;
+    fs::rename(&tmp, path)
+}
+
 /// The lease this node currently holds, shared with the cluster operations.
 pub struct Membership {
     lease: RwLock<Option<LeaseId>>,

@@ -289,3 +289,72 @@ async fn a_dead_hosts_endpoints_leave_every_other_host_after_the_default_lease_t
         ],
     );
 }
+
+/// The container-named namespaces (12 hex digits) in `host`'s /run/vxnet/netns.
+fn container_namespaces(lab: &TestLab, host: &str) -> std::collections::BTreeSet<String> {
+    let dir = format!(
+        "/proc/{}/root/run/vxnet/netns",
+        lab.lab.host(host).unwrap().init_pid()
+    );
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.len() == 12 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_kept_ready_go_with_a_clean_stop_and_after_a_crash() {
+    let lab = TestLab::up(2).await;
+    lab.network("pool", "10.0.9.0/24");
+    lab.container("vm2", "c", "pool");
+    let owned = lab.ps_entry("vm2", "c")["netns"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // The container's own namespace, and the pool (2 by default) topped up after its create.
+    let pooled = |lab: &TestLab| {
+        let mut all = container_namespaces(lab, "vm2");
+        assert!(
+            all.remove(&owned),
+            "the container's namespace went: {all:?}"
+        );
+        all
+    };
+    wait_until(|| pooled(&lab).len() == 2);
+    let before_crash = pooled(&lab);
+
+    // kill -9 leaves the pool behind; the restarted daemon removes it and makes its own.
+    let vm2 = daemon_record(&lab, "vm2");
+    kill(Pid::from_raw(vm2.pid as i32), Signal::SIGKILL).unwrap();
+    wait_gone(vm2.pid);
+    assert_eq!(pooled(&lab), before_crash);
+    let mut again = restart_daemon(&lab, "vm2");
+    wait_until(|| {
+        let now = pooled(&lab);
+        now.len() == 2 && now.is_disjoint(&before_crash)
+    });
+    // The running container kept its record (and, checked by `pooled`, its namespace).
+    wait_until(|| lab.sh("vm2", &["vxnet", "info"]).status.success());
+    assert_eq!(
+        lab.ps_entry("vm2", "c")["netns"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next(),
+        Some(owned.as_str())
+    );
+
+    // A clean stop removes the pool and leaves the container's namespace.
+    kill(Pid::from_raw(again.id() as i32), Signal::SIGTERM).unwrap();
+    again.wait().unwrap();
+    assert!(
+        pooled(&lab).is_empty(),
+        "a clean stop left {:?}; its log:\n{}",
+        pooled(&lab),
+        restarted_log(&lab, "vm2")
+    );
+}

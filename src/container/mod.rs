@@ -7,6 +7,7 @@
 //! daemon its PID. The daemon holds a pidfd and, the moment the process exits, removes its
 //! endpoints everywhere.
 
+pub mod nspool;
 pub mod process;
 pub mod record;
 
@@ -25,6 +26,7 @@ use crate::model::{self, Id, Mac, PublishedPort};
 use crate::netns::NetNs;
 use crate::reconcile::Reconciler;
 use crate::view::SharedView;
+use nspool::{NamespacePool, Ready};
 use process::ProcessHandle;
 use record::{Attachment, ContainerRecord, ContainerState, GatewayAttachment, Refused, Registry};
 
@@ -88,12 +90,42 @@ pub struct ContainerService {
     reconciler: Arc<Reconciler>,
     registry: Arc<Registry>,
     netns_dir: PathBuf,
+    pool: Arc<NamespacePool>,
     processes: SyncMutex<HashMap<Id, Arc<ProcessHandle>>>,
     /// One lock per container: its state changes (start, exit, stop, connect…) never interleave.
     locks: SyncMutex<HashMap<Id, Arc<Mutex<()>>>>,
     /// Gateway-bridge addresses are host-local and picked from the records: these are picked
     /// and not recorded yet, so concurrent creates never pick the same one.
     gateway_picked: SyncMutex<std::collections::HashSet<Ipv4Addr>>,
+}
+
+/// Removes container namespaces (named by a short container ID) that no record owns: a
+/// crash leaves the namespaces kept ready, or one made just before its record was saved.
+/// Sandboxes (`1-…`) are the reconciler's.
+fn remove_unowned_namespaces(dir: &std::path::Path, registry: &Registry) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let owned: std::collections::HashSet<PathBuf> =
+        registry.list().into_iter().map(|r| r.netns).collect();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_container = name
+            .to_str()
+            .is_some_and(|n| n.len() == Id::SHORT_LEN && n.bytes().all(|b| b.is_ascii_hexdigit()));
+        let path = entry.path();
+        if !is_container || owned.contains(&path) {
+            continue;
+        }
+        match NetNs::remove_named(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a namespace no container owns")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a namespace no container owns")
+            }
+        }
+    }
 }
 
 fn hostname_ok(h: &str) -> bool {
@@ -110,17 +142,26 @@ impl ContainerService {
         reconciler: Arc<Reconciler>,
         registry: Arc<Registry>,
         run_dir: PathBuf,
+        netns_pool: usize,
     ) -> Arc<Self> {
+        let netns_dir = run_dir.join("netns");
+        remove_unowned_namespaces(&netns_dir, &registry);
         Arc::new(ContainerService {
             cluster,
             view,
             reconciler,
             registry,
-            netns_dir: run_dir.join("netns"),
+            pool: NamespacePool::new(netns_dir.clone(), netns_pool),
+            netns_dir,
             processes: SyncMutex::new(HashMap::new()),
             locks: SyncMutex::new(HashMap::new()),
             gateway_picked: SyncMutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// Removes the namespaces kept ready for containers (a clean stop).
+    pub fn drain_namespace_pool(&self) {
+        self.pool.drain();
     }
 
     fn lock_for(&self, id: &Id) -> Arc<Mutex<()>> {
@@ -286,17 +327,35 @@ impl ContainerService {
     /// Creates a container: its namespace, its first network attachment. Its process is
     /// started by the caller, who then calls `start` with the PID.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<ContainerRecord, Error> {
-        let id = Id::random();
+        // The namespace (and with it the container's ID) comes first, usually ready-made.
+        let ready = self.pool.take().await?;
+        let made = self.create_in(req, ready).await;
+        self.pool.refill();
+        made
+    }
+
+    async fn create_in(
+        self: &Arc<Self>,
+        req: CreateRequest,
+        ready: Ready,
+    ) -> Result<ContainerRecord, Error> {
+        let id = ready.id.clone();
         let name = req.name.clone().unwrap_or_else(|| id.short().to_string());
-        cluster::validate_name("container", &name)?;
         let hostname = req
             .hostname
             .clone()
             .unwrap_or_else(|| id.short().to_string());
-        if !hostname_ok(&hostname) {
-            return Err(Error::invalid(format!(
-                "invalid hostname {hostname:?}: use 1 to 63 letters, digits and '-'"
-            )));
+        let checked = cluster::validate_name("container", &name).and_then(|()| {
+            match hostname_ok(&hostname) {
+                true => Ok(()),
+                false => Err(Error::invalid(format!(
+                    "invalid hostname {hostname:?}: use 1 to 63 letters, digits and '-'"
+                ))),
+            }
+        });
+        if let Err(e) = checked {
+            self.pool.give_back(ready);
+            return Err(e);
         }
         let netns = self.netns_dir.join(id.short());
         let mut record = ContainerRecord {
@@ -314,20 +373,20 @@ impl ContainerService {
             conflicts: vec![],
         };
         record.ports = req.publish.clone();
-        match self
-            .registry
-            .insert_new(record.clone())
-            .map_err(|e| Error::io("saving container record", e))?
-        {
-            Ok(()) => {}
-            Err(Refused::NameInUse) => return Err(Error::ContainerNameInUse(name)),
-            Err(Refused::PortInUse { port, by }) => {
-                return Err(Error::PortInUse {
-                    port: port.to_string(),
-                    by,
-                })
-            }
+        let refused = match self.registry.insert_new(record.clone()) {
+            Ok(Ok(())) => None,
+            Ok(Err(Refused::NameInUse)) => Some(Error::ContainerNameInUse(name)),
+            Ok(Err(Refused::PortInUse { port, by })) => Some(Error::PortInUse {
+                port: port.to_string(),
+                by,
+            }),
+            Err(e) => Some(Error::io("saving container record", e)),
+        };
+        if let Some(e) = refused {
+            self.pool.give_back(ready);
+            return Err(e);
         }
+        let ns = ready.ns;
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
         let t0 = std::time::Instant::now();
@@ -347,14 +406,6 @@ impl ContainerService {
                     stored.network.name
                 )));
             }
-            let ns = NetNs::create_named(&netns)
-                .map_err(|e| Error::io(format!("creating namespace {}", netns.display()), e))?;
-            let h = ns
-                .netlink()
-                .map_err(|e| Error::io("netlink in the container namespace", e))?;
-            crate::netns::set_link_up(&h, "lo")
-                .await
-                .map_err(|e| Error::io("bringing lo up", std::io::Error::other(e.to_string())))?;
             lap("namespace");
             // eth0 (an etcd transaction, then the sandbox's veth) and eth1 (host-local) at
             // once: the gateway bridge's work fits in the wait for etcd.
@@ -746,5 +797,6 @@ impl ContainerService {
                 }
             }
         }
+        self.pool.refill();
     }
 }

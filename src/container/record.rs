@@ -1,5 +1,5 @@
 //! Containers this host runs: their records, kept in memory and in the state directory (one
-//! JSON file each, written atomically) so that a restarted daemon finds them again.
+//! JSON file each, replaced whole: write, then rename) so that a restarted daemon finds them again.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{EndpointId, Id, Mac, NetworkId, PublishedPort};
-use crate::node::write_atomically;
+use crate::node::write_replacing;
 
 /// Where a container's process is in its life.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +151,7 @@ impl Registry {
     /// Stores (or replaces) a record, on disk first.
     pub fn put(&self, record: ContainerRecord) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
-        write_atomically(&self.path(&record.id), &bytes)?;
+        write_replacing(&self.path(&record.id), &bytes)?;
         self.lock().insert(record.id.clone(), record);
         Ok(())
     }
@@ -180,7 +180,7 @@ impl Registry {
             }
         }
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
-        write_atomically(&self.path(&record.id), &bytes)?;
+        write_replacing(&self.path(&record.id), &bytes)?;
         records.insert(record.id.clone(), record);
         Ok(Ok(()))
     }
