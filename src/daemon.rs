@@ -199,7 +199,7 @@ pub async fn run(
         node.started.clone(),
         membership.clone(),
         plugin_state.clone(),
-        plugin,
+        plugin.clone(),
     ));
     let firewall_owner = reconciler.clone();
     let pool_owner = containers.clone();
@@ -210,6 +210,7 @@ pub async fn run(
         view,
         membership,
         node,
+        docker_plugin: plugin,
     }));
     tracing::info!(
         socket = %config.socket.display(),

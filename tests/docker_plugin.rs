@@ -252,8 +252,29 @@ async fn global_scope_one_create_serves_every_host() {
         .await;
     assert_eq!(info["Value"]["vxnet.ip"], addr(&a), "{info}");
 
-    // docker rm -f on vm2: Leave, DeleteEndpoint, ReleaseAddress; gone on vm3 too.
+    // docker rm -f on vm2: Leave, DeleteEndpoint, ReleaseAddress; gone on vm3 too. Leave
+    // answers before its port is deleted; DeleteEndpoint waits for that deletion.
+    // (A second port on vm2 keeps the sandbox, so that the port's own removal is seen.)
+    lab.vx(
+        "vm2",
+        &[
+            "run", "-d", "--name", "v2", "--net", "dnet", "--", "sleep", "600",
+        ],
+    );
+    let port = info["Value"]["vxnet.sandbox_port"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let links = || lab.in_sandbox("vm2", &net, &["ip", "-br", "link"]);
+    assert!(links().contains(&port), "{}", links());
     p2.remove_endpoint(&net, &e2).await;
+    let left = links();
+    assert!(
+        left.contains("br0") && !left.contains(&port),
+        "{port} still in the sandbox: {left}"
+    );
+    let calls = lab.vx("vm2", &["info", "--format", "json"]);
+    assert!(calls.contains("\"NetworkDriver.Leave\""), "{calls}");
     p2.call(
         "IpamDriver.ReleaseAddress",
         json!({"PoolID": pool_id, "Address": addr(&a)}),
@@ -304,6 +325,7 @@ async fn global_scope_one_create_serves_every_host() {
         .await;
     assert!(e.contains("active endpoint"), "{e}");
     lab.vx("vm3", &["rm", "-f", "v3"]);
+    lab.vx("vm2", &["rm", "-f", "v2"]);
     p3.call("NetworkDriver.DeleteNetwork", json!({"NetworkID": net}))
         .await;
     wait_until(|| !lab.vx("vm2", &["network", "ls"]).contains("dnet"));

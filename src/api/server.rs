@@ -34,6 +34,8 @@ pub struct ApiState {
     pub view: SharedView,
     pub membership: Arc<Membership>,
     pub node: Node,
+    /// Served with `--docker-plugin`: its call counts show in `vxnet info`.
+    pub docker_plugin: Option<Arc<crate::docker::plugin::DockerPlugin>>,
 }
 
 type AppState = Arc<ApiState>;
@@ -139,20 +141,27 @@ fn with_synced<R>(state: &ApiState, f: impl FnOnce(&ClusterView) -> ApiResult<R>
 }
 
 async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
-    Ok(Json(state.view.with(|view| Info {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        node: state.node.clone(),
-        cluster_store: state.cluster.store().describe(),
-        store_prefix: state.cluster.keys().prefix().to_string(),
-        registered: state.membership.current_lease().is_some(),
-        synced: state.membership.current_lease().is_some()
-            && view.revision >= state.membership.registered_at()
-            && view.revision > 0,
-        view_revision: view.revision,
-        nodes: view.nodes.values().cloned().collect(),
-        networks: view.networks.len(),
-        endpoints: view.endpoints.values().map(|e| e.len()).sum(),
-        store_error: state.membership.store_error(),
+    Ok(Json(state.view.with(|view| {
+        Info {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node: state.node.clone(),
+            cluster_store: state.cluster.store().describe(),
+            store_prefix: state.cluster.keys().prefix().to_string(),
+            registered: state.membership.current_lease().is_some(),
+            synced: state.membership.current_lease().is_some()
+                && view.revision >= state.membership.registered_at()
+                && view.revision > 0,
+            view_revision: view.revision,
+            nodes: view.nodes.values().cloned().collect(),
+            networks: view.networks.len(),
+            endpoints: view.endpoints.values().map(|e| e.len()).sum(),
+            store_error: state.membership.store_error(),
+            docker_plugin_calls: state
+                .docker_plugin
+                .as_ref()
+                .map(|p| p.call_stats())
+                .unwrap_or_default(),
+        }
     })))
 }
 

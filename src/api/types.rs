@@ -52,4 +52,15 @@ pub struct Info {
     /// the daemon keeps retrying; absent once it gets through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// Docker plugin calls served since the daemon started, by call (with `--docker-plugin`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub docker_plugin_calls: std::collections::BTreeMap<String, CallStats>,
+}
+
+/// How often a call was served and how long it took (from request to answer, µs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStats {
+    pub count: u64,
+    pub total_us: u64,
+    pub max_us: u64,
 }

@@ -181,6 +181,17 @@ async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode>
             for n in &info.nodes {
                 println!("  {}  {}  {}", n.id.short(), n.name, n.advertise_addr);
             }
+            if !info.docker_plugin_calls.is_empty() {
+                println!("Docker plugin calls (count, average, max):");
+                for (call, s) in &info.docker_plugin_calls {
+                    println!(
+                        "  {call:<34} {:>7}  {:>8.2} ms  {:>8.2} ms",
+                        s.count,
+                        s.total_us as f64 / s.count.max(1) as f64 / 1e3,
+                        s.max_us as f64 / 1e3
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -12,7 +12,7 @@
 //! - vxnet's IPAM driver reserves addresses cluster-wide at RequestAddress (before Docker
 //!   creates the endpoint); CreateEndpoint adopts the reservation in one transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use ipnet::Ipv4Net;
 use super::protocol::*;
 use super::state::{EndpointRecord, NetworkBinding, PluginState, Reservation};
 use super::Scope;
+use crate::api::types::CallStats;
 use crate::cluster::{self, Cluster, EndpointCreate, NetworkCreate, StoredNetwork};
 use crate::dataplane::HandoffSpec;
 use crate::error::Error;
@@ -44,6 +45,13 @@ pub struct DockerPlugin {
     state: Arc<PluginState>,
     /// This host's own network namespace: where Docker picks up the interface of a Join.
     runtime_ns: NetNs,
+    /// Ports still being removed after a Leave, by Docker endpoint ID. Leave answers before
+    /// the veth is gone: deleting one waits for an RCU grace period (15–20 ms here), which
+    /// would sit on the path of every `docker stop` and `docker run --rm`. A later Join or
+    /// DeleteEndpoint of the same endpoint waits for the removal first.
+    leaving: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Count and time of each call served, for `vxnet info`.
+    calls: std::sync::Mutex<BTreeMap<String, CallStats>>,
 }
 
 fn io_error(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -110,7 +118,49 @@ impl DockerPlugin {
             reconciler,
             state,
             runtime_ns: NetNs::open(std::path::Path::new("/proc/self/ns/net"))?,
+            leaving: std::sync::Mutex::new(HashMap::new()),
+            calls: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Counts one served call (only calls of the protocol: the server does not count
+    /// unknown paths, so the table stays bounded whatever is sent).
+    pub fn count_call(&self, call: &str, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        let mut calls = match self.calls.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let stats = match calls.get_mut(call) {
+            Some(s) => s,
+            None => calls.entry(call.to_string()).or_default(),
+        };
+        stats.count += 1;
+        stats.total_us += us;
+        stats.max_us = stats.max_us.max(us);
+    }
+
+    /// The calls served since the daemon started.
+    pub fn call_stats(&self) -> BTreeMap<String, CallStats> {
+        match self.calls.lock() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn leaving(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
+        match self.leaving.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Waits until a port removal started by a Leave of `endpoint` is over.
+    async fn settle_leave(&self, endpoint: &str) {
+        let pending = self.leaving().remove(endpoint);
+        if let Some(task) = pending {
+            let _ = task.await;
+        }
     }
 
     /// A network by vxnet ID: from the view, or from the store when the view lags.
@@ -455,6 +505,7 @@ impl DockerPlugin {
     }
 
     pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse, Error> {
+        self.settle_leave(&req.endpoint_id).await;
         let mut rec = self.record(&req.endpoint_id)?;
         let stored = self
             .network_by_id(&rec.endpoint.network_id)
@@ -492,18 +543,27 @@ impl DockerPlugin {
 
     pub async fn leave(&self, req: EndpointRequest) -> Result<Empty, Error> {
         let mut rec = self.record(&req.endpoint_id)?;
-        self.reconciler
-            .detach_handoff(&rec.endpoint.network_id, &rec.sandbox_ifname)
-            .await?;
+        let (net, port) = (rec.endpoint.network_id.clone(), rec.sandbox_ifname.clone());
         rec.joined = false;
         self.state
             .endpoints
             .put(&req.endpoint_id, rec)
             .map_err(io_error("endpoint"))?;
+        // Removed in the background (see `leaving`); a failure is retried by DeleteEndpoint.
+        let reconciler = self.reconciler.clone();
+        let removal = tokio::spawn(async move {
+            if let Err(e) = reconciler.detach_handoff(&net, &port).await {
+                tracing::warn!(port, error = %e, "cannot remove a left endpoint's port yet; DeleteEndpoint retries");
+            }
+        });
+        let mut leaving = self.leaving();
+        leaving.retain(|_, task| !task.is_finished());
+        leaving.insert(req.endpoint_id, removal);
         Ok(Empty {})
     }
 
     pub async fn delete_endpoint(&self, req: EndpointRequest) -> Result<Empty, Error> {
+        self.settle_leave(&req.endpoint_id).await;
         // Unknown: already deleted (Docker retrying), nothing to do.
         let Some(rec) = self.state.endpoints.get(&req.endpoint_id) else {
             return Ok(Empty {});

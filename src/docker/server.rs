@@ -75,6 +75,9 @@ async fn dispatch(
     }
     let started = std::time::Instant::now();
     let response = handle(&plugin, call, &body).await;
+    if response.status() != StatusCode::NOT_FOUND {
+        plugin.count_call(call, started.elapsed());
+    }
     tracing::debug!(call, status = %response.status(), elapsed_us = started.elapsed().as_micros() as u64, "Docker plugin call");
     response
 }
