@@ -209,14 +209,26 @@ pub fn run(init: &HostInit) -> u8 {
         return code;
     }
     loop {
-        match stop.wait() {
-            Ok(Signal::SIGHUP) => continue,
-            Ok(_) => return 0,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => {
-                eprintln!("{who}: sigwait: {e}");
-                return 1;
+        // sigwaitinfo rather than sigwait: the sender's PID goes into the log, which is what
+        // tells an expected `lab down` from something else stopping a host.
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: `stop` is a valid, initialised sigset; `info` is written by the kernel.
+        let sig = unsafe { libc::sigwaitinfo(stop.as_ref(), info.as_mut_ptr()) };
+        if sig < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
             }
+            eprintln!("{who}: sigwaitinfo: {e}");
+            return 1;
+        }
+        // SAFETY: sigwaitinfo returned a signal, so the kernel filled `info` in.
+        let sender = unsafe { info.assume_init().si_pid() };
+        let name = Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+        let comm = std::fs::read_to_string(format!("/proc/{sender}/comm")).unwrap_or_default();
+        eprintln!("{who}: {name} from PID {sender} ({})", comm.trim());
+        if sig != libc::SIGHUP {
+            return 0;
         }
     }
 }

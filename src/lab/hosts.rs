@@ -386,6 +386,9 @@ impl Host {
             .ok_or_else(|| LabError::HostDown {
                 lab: self.lab.clone(),
                 host: self.name.clone(),
+                detail: log_tail(&self.init.log)
+                    .map(|t| format!("; its log {} ends: {t}", self.init.log.display()))
+                    .unwrap_or_default(),
             })?;
         ns.apply(cmd, new_session);
         Ok(())
@@ -395,6 +398,14 @@ impl Host {
     pub fn is_alive(&self) -> bool {
         self.init.is_alive() && self.processes.iter().all(ProcRecord::is_alive)
     }
+}
+
+/// The last few lines of a lab process's log, joined with " | " (None if empty or unreadable).
+fn log_tail(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    (!tail.is_empty()).then_some(tail)
 }
 
 /// What `lab down` did.

@@ -60,8 +60,13 @@ pub enum LabError {
         host: String,
         hosts: String,
     },
-    #[error("host {host} of lab {lab} is down (its init process is gone): `vxnet lab down --name {lab}`, then `vxnet lab up --name {lab}`")]
-    HostDown { lab: String, host: String },
+    #[error("host {host} of lab {lab} is down (its init process is gone{detail}): `vxnet lab down --name {lab}`, then `vxnet lab up --name {lab}`")]
+    HostDown {
+        lab: String,
+        host: String,
+        /// What the init's log ended with, if anything: why it went.
+        detail: String,
+    },
     #[error("invalid lab option: {0}")]
     InvalidOption(String),
     #[error(
