@@ -590,7 +590,7 @@ async fn containers_on_two_hosts_ping_across_the_overlay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_peers_spares_a_moved_peer_and_cleans_half_entries() {
+async fn remove_peers_removes_only_the_named_vtep_and_cleans_half_entries() {
     let lab = Lab::new().await;
     let name = network_name();
     let sb = check(
@@ -615,14 +615,26 @@ async fn remove_peers_spares_a_moved_peer_and_cleans_half_entries() {
     check(add_peers(&sb, &[old]).await, "add old");
     check(add_peers(&sb, &[moved]).await, "add moved");
     assert_eq!(check(list_peers(&sb).await, "list"), vec![moved]);
-    // The stale removal arrives late: the moved peer must survive it.
+    // A removal naming the old VTEP leaves the MAC's FDB entry at the new one (the kernel
+    // deletes only the destination named); the IP's neighbour goes, since the caller no
+    // longer wants that IP (the reconciler replaces a moved peer, it never removes it).
+    let ns = sandbox_ns(&lab.a, &name);
     check(remove_peers(&sb, &[old]).await, "remove old");
-    assert_eq!(check(list_peers(&sb).await, "list"), vec![moved]);
+    let fdb = ok(&ns, &["bridge", "fdb", "show", "dev", "vxlan1"]);
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with("02:42:0a:00:04:09 dst 192.0.2.51 ")
+                && l.contains("self permanent")),
+        "{fdb}"
+    );
+    assert_eq!(ok(&ns, &["ip", "neigh", "show", "dev", "vxlan1"]), "");
+    check(add_peers(&sb, &[moved]).await, "add moved again");
     check(remove_peers(&sb, &[moved]).await, "remove moved");
     assert_eq!(check(list_peers(&sb).await, "list"), vec![]);
+    let fdb = ok(&ns, &["bridge", "fdb", "show", "dev", "vxlan1"]);
+    assert!(!fdb.contains("02:42:0a:00:04:09"), "{fdb}");
 
     // A neighbour without its FDB entry (a half-added peer) is cleaned up by remove_peers.
-    let ns = sandbox_ns(&lab.a, &name);
     ok(
         &ns,
         &[

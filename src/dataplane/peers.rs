@@ -3,15 +3,13 @@
 //! permanent`) and a permanent neighbour (its IP -> MAC, `ip neigh replace ... nud
 //! permanent`) from which `vxlan1`'s ARP proxy answers locally.
 //!
-//! Adds are batched, many requests per `sendmsg` on a socket of their own (the kernel's
-//! rate, as `bridge -batch`); removals, which look each entry up first, are pipelined: one
-//! awaited request costs a round trip through the runtime (about 1 ms), many in flight on
-//! the same socket cost far less each.
+//! Adds and removals are batched, many requests per `sendmsg` on a socket of their own (the
+//! kernel's rate, as `bridge -batch`), where one awaited request through the async handle
+//! costs a round trip through the runtime each.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use futures::{stream, StreamExt, TryStreamExt};
 use std::os::fd::AsFd;
 
 use rtnetlink::packet_core::{
@@ -21,15 +19,10 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::Handle;
 
-use super::links::{call, collect};
+use super::links::collect;
 use super::{DataplaneError, Sandbox, VXLAN_NAME};
 use crate::model::Mac;
-
-/// How many peers are in flight at once. Enough to keep the socket busy; bounded so that a
-/// 50,000-peer batch does not hold 100,000 pending requests in memory.
-const IN_FLIGHT: usize = 256;
 
 /// A remote endpoint: its overlay IP and MAC, and the underlay address of its host's VTEP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +64,26 @@ const PEERS_PER_SEND: usize = 1024;
 /// ACK; a refused one is answered with an error all the same, and the final ACK says
 /// every earlier message has been handled.
 pub async fn add_peers(sandbox: &Sandbox, peers: &[Peer]) -> Result<(), DataplaneError> {
+    run_batches(sandbox, peers, BatchOp::Add).await
+}
+
+/// Removes the entries of `peers`; entries already gone are fine. Batched like
+/// [`add_peers`], no lookups: the FDB delete names the peer's VTEP (NDA_DST), and the
+/// kernel removes only that destination of the MAC (a delete whose destination matches
+/// none answers 0 and removes nothing), so a MAC since added at another VTEP stays; the
+/// neighbour is keyed by the overlay IP, which the caller no longer wants (plans are keyed
+/// by IP: a peer that moved is replaced, never removed).
+pub async fn remove_peers(sandbox: &Sandbox, peers: &[Peer]) -> Result<(), DataplaneError> {
+    run_batches(sandbox, peers, BatchOp::Remove).await
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchOp {
+    Add,
+    Remove,
+}
+
+async fn run_batches(sandbox: &Sandbox, peers: &[Peer], op: BatchOp) -> Result<(), DataplaneError> {
     if peers.is_empty() {
         return Ok(());
     }
@@ -86,30 +99,26 @@ pub async fn add_peers(sandbox: &Sandbox, peers: &[Peer]) -> Result<(), Dataplan
         .map_err(socket_error)?;
     let vx = sandbox.vxlan_index();
     let peers = peers.to_vec();
-    let sandbox_name = sandbox.name().to_string();
     let outcome = tokio::task::spawn_blocking(move || {
         // The socket must be opened inside the sandbox; the rest may run anywhere.
         let socket = crate::netns::run_in(ns.as_fd(), batch_socket)?;
         Ok::<_, std::io::Error>(
             peers
                 .chunks(PEERS_PER_SEND)
-                .try_for_each(|chunk| send_batch(&socket, vx, chunk)),
+                .try_for_each(|chunk| send_batch(&socket, vx, chunk, op)),
         )
     })
     .await;
+    let action = match op {
+        BatchOp::Add => "add",
+        BatchOp::Remove => "remove",
+    };
     let refused = |peer: &Peer, fdb: bool, e: rtnetlink::Error| {
-        let object = if fdb {
-            format!(
-                "FDB entry {} -> {} on {VXLAN_NAME} in sandbox {sandbox_name}",
-                peer.mac, peer.vtep
-            )
-        } else {
-            format!(
-                "neighbour {} -> {} on {VXLAN_NAME} in sandbox {sandbox_name}",
-                peer.ip, peer.mac
-            )
+        let object = match fdb {
+            true => fdb_object(sandbox, peer),
+            false => neigh_object(sandbox, peer),
         };
-        DataplaneError::netlink("add", object, &e)
+        DataplaneError::netlink(action, object, &e)
     };
     match outcome {
         Ok(Ok(Ok(()))) => Ok(()),
@@ -118,7 +127,7 @@ pub async fn add_peers(sandbox: &Sandbox, peers: &[Peer]) -> Result<(), Dataplan
         }
         Ok(Ok(Err(BatchError::Io(e)))) | Ok(Err(e)) => Err(socket_error(e)),
         Ok(Ok(Err(BatchError::Timeout))) => Err(DataplaneError::Timeout {
-            action: "add",
+            action,
             object: format!("peers on {VXLAN_NAME} in sandbox {}", sandbox.name()),
         }),
         Err(join) => Err(socket_error(std::io::Error::other(join.to_string()))),
@@ -186,19 +195,57 @@ fn neigh_message(vx: u32, p: &Peer) -> NeighbourMessage {
     m
 }
 
+/// The removal requests of a peer: its MAC's destination at its VTEP, its IP's neighbour.
+fn fdb_delete(vx: u32, p: &Peer) -> NeighbourMessage {
+    let mut m = bridge_message(vx, &p.mac);
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            p.vtep,
+        )));
+    m
+}
+
+fn neigh_delete(vx: u32, p: &Peer) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = vx;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            p.ip,
+        )));
+    m
+}
+
 /// One `sendmsg` carrying an FDB and a neighbour request per peer (sequence numbers 2i and
-/// 2i+1 from 1), then the replies up to the final ACK.
-fn send_batch(socket: &netlink_sys::Socket, vx: u32, peers: &[Peer]) -> Result<(), BatchError> {
+/// 2i+1 from 1), then the replies up to the final ACK. A removal of something already gone
+/// (ENOENT) is not an error.
+fn send_batch(
+    socket: &netlink_sys::Socket,
+    vx: u32,
+    peers: &[Peer],
+    op: BatchOp,
+) -> Result<(), BatchError> {
     let count = peers.len() * 2;
     let mut buf = Vec::with_capacity(count * 64);
     for (i, p) in peers.iter().enumerate() {
-        for (j, msg) in [fdb_message(vx, p), neigh_message(vx, p)]
-            .into_iter()
-            .enumerate()
-        {
+        let msgs = match op {
+            BatchOp::Add => [fdb_message(vx, p), neigh_message(vx, p)],
+            BatchOp::Remove => [fdb_delete(vx, p), neigh_delete(vx, p)],
+        };
+        for (j, msg) in msgs.into_iter().enumerate() {
             let seq = (2 * i + j + 1) as u32;
-            let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
-            req.header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE;
+            let mut req = match op {
+                BatchOp::Add => {
+                    let mut r = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+                    r.header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE;
+                    r
+                }
+                BatchOp::Remove => {
+                    let mut r = NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(msg));
+                    r.header.flags = NLM_F_REQUEST;
+                    r
+                }
+            };
             if seq as usize == count {
                 req.header.flags |= NLM_F_ACK;
             }
@@ -234,7 +281,10 @@ fn send_batch(socket: &netlink_sys::Socket, vx: u32, peers: &[Peer]) -> Result<(
             let seq = msg.header.sequence_number as usize;
             if let NetlinkPayload::Error(e) = msg.payload {
                 let done = seq == count;
-                if e.code.is_some() && first_error.is_none() && (1..=count).contains(&seq) {
+                let gone =
+                    op == BatchOp::Remove && e.code.map(|c| c.get().abs()) == Some(libc::ENOENT);
+                if e.code.is_some() && !gone && first_error.is_none() && (1..=count).contains(&seq)
+                {
                     first_error = Some(BatchError::Refused {
                         peer: peers[(seq - 1) / 2],
                         fdb: seq % 2 == 1,
@@ -249,66 +299,6 @@ fn send_batch(socket: &netlink_sys::Socket, vx: u32, peers: &[Peer]) -> Result<(
     }
 }
 
-/// Removes the entries of `peers`; entries already gone are fine.
-///
-/// Only what still belongs to the peer is removed: when its MAC has since been added again
-/// at another VTEP (the container moved, and the add overtook this removal), the newer FDB
-/// entry and the IP's neighbour stay. A neighbour left without its FDB entry (a peer
-/// half-added before a failure) is removed.
-pub async fn remove_peers(sandbox: &Sandbox, peers: &[Peer]) -> Result<(), DataplaneError> {
-    stream::iter(peers.iter().map(Ok))
-        .try_for_each_concurrent(IN_FLIGHT, |p| remove_one(sandbox, p))
-        .await
-}
-
-async fn remove_one(sandbox: &Sandbox, p: &Peer) -> Result<(), DataplaneError> {
-    let h = sandbox.handle();
-    let vx = sandbox.vxlan_index();
-    // Looked up first because the kernel cannot be asked to delete "MAC only if at this
-    // VTEP": a VXLAN FDB delete whose NDA_DST matches no destination still answers 0.
-    let fdb = get_fdb(h, vx, &p.mac)
-        .await
-        .map_err(|e| DataplaneError::netlink("look up", fdb_object(sandbox, p), &e))?;
-    if let Some(fdb) = fdb {
-        if neighbour_ipv4(&fdb) != Some(p.vtep) {
-            return Ok(());
-        }
-        let mut del = bridge_message(vx, &p.mac);
-        del.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                p.vtep,
-            )));
-        let del = h.neighbours().del(del).execute();
-        match call("remove", || fdb_object(sandbox, p), del).await {
-            Err(e) if e.errno() == Some(libc::ENOENT) => {}
-            other => other?,
-        }
-    }
-    let neigh = get_neighbour(h, vx, p.ip)
-        .await
-        .map_err(|e| DataplaneError::netlink("look up", neigh_object(sandbox, p), &e))?;
-    if neigh.as_ref().and_then(neighbour_mac) != Some(p.mac) {
-        return Ok(());
-    }
-    let mut del = NeighbourMessage::default();
-    del.header.family = AddressFamily::Inet;
-    del.header.ifindex = vx;
-    del.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            p.ip,
-        )));
-    match call(
-        "remove",
-        || neigh_object(sandbox, p),
-        h.neighbours().del(del).execute(),
-    )
-    .await
-    {
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
-        other => other,
-    }
-}
-
 /// An AF_BRIDGE message for `mac` on the VXLAN device itself (NTF_SELF), not on the
 /// bridge's own forwarding table (NTF_MASTER).
 fn bridge_message(vx: u32, mac: &Mac) -> NeighbourMessage {
@@ -319,49 +309,6 @@ fn bridge_message(vx: u32, mac: &Mac) -> NeighbourMessage {
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
     m
-}
-
-/// A single-entry RTM_GETNEIGH (not a dump: rtnetlink's request builder only dumps).
-async fn get_one(
-    h: &Handle,
-    msg: NeighbourMessage,
-) -> Result<Option<NeighbourMessage>, rtnetlink::Error> {
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(msg));
-    req.header.flags = NLM_F_REQUEST;
-    let mut responses = h.clone().request(req)?;
-    let mut found = None;
-    while let Some(m) = responses.next().await {
-        match m.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => found = Some(n),
-            NetlinkPayload::Error(e) if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {
-                return Ok(None)
-            }
-            NetlinkPayload::Error(e) => return Err(rtnetlink::Error::NetlinkError(e)),
-            _ => {}
-        }
-    }
-    Ok(found)
-}
-
-async fn get_neighbour(
-    h: &Handle,
-    vx: u32,
-    ip: Ipv4Addr,
-) -> Result<Option<NeighbourMessage>, rtnetlink::Error> {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
-    m.header.ifindex = vx;
-    m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-    get_one(h, m).await
-}
-
-async fn get_fdb(
-    h: &Handle,
-    vx: u32,
-    mac: &Mac,
-) -> Result<Option<NeighbourMessage>, rtnetlink::Error> {
-    get_one(h, bridge_message(vx, mac)).await
 }
 
 fn neighbour_mac(n: &NeighbourMessage) -> Option<Mac> {
