@@ -78,7 +78,8 @@ def markdown(machine, benches):
         if figures:
             lines += ["", "| figure | value |", "|---|---:|"]
             for f in figures:
-                lines.append(f"| {f['case']} | {f['value']:.2f} {f.get('unit', '')} |")
+                value = f"{f['value']:.0f}" if float(f["value"]).is_integer() else f"{f['value']:.2f}"
+                lines.append(f"| {f['case']} | {value} {f.get('unit', '')} |")
         cases = r.get("cases") or []
         if cases:
             # scale.json: one row per K, the bench's own fields as columns.
