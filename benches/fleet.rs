@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use support::{Machine, Ratio, Summary};
+use support::{Figure, Machine, Ratio, Summary};
 use vxnet::lab::{Lab, TEST_IMAGE};
 use vxnet::netns::NetNs;
 
@@ -28,14 +28,6 @@ const PARALLEL: usize = 8;
 
 fn main() {
     support::block_on(bench());
-}
-
-/// One figure that is not a latency distribution.
-#[derive(Serialize)]
-struct Figure {
-    case: String,
-    value: f64,
-    unit: &'static str,
 }
 
 #[derive(Serialize)]
@@ -325,7 +317,7 @@ async fn bench() {
     figures.push(Figure {
         case: "vxnet daemon RSS, idle".into(),
         value: rss_idle,
-        unit: "MiB",
+        unit: "MiB".into(),
     });
 
     // vxnet.
@@ -416,54 +408,51 @@ async fn bench() {
         Figure {
             case: format!("vxnet daemon RSS with {n} local containers"),
             value: vx_rss,
-            unit: "MiB",
+            unit: "MiB".into(),
         },
         Figure {
             case: format!("Docker overlay: dockerd + containerd RSS after {n} containers"),
             value: overlay.rss,
-            unit: "MiB",
+            unit: "MiB".into(),
         },
         Figure {
             case: format!("vxnet plugin: dockerd + containerd + vxnet RSS after {n} more"),
             value: plugin.rss,
-            unit: "MiB",
+            unit: "MiB".into(),
         },
         Figure {
             case: format!("vxnet run: vxnet daemon CPU for {n} starts"),
             value: cpu1 - cpu0,
-            unit: "s",
+            unit: "s".into(),
         },
         Figure {
             case: format!("Docker overlay: dockerd + containerd CPU for {n} starts"),
             value: overlay.cpu,
-            unit: "s",
+            unit: "s".into(),
         },
         Figure {
             case: format!("vxnet plugin: dockerd + containerd + vxnet CPU for {n} starts"),
             value: plugin.cpu,
-            unit: "s",
+            unit: "s".into(),
         },
         Figure {
             case: "vxnet run: etcd requests per container (v3 gRPC)".into(),
             value: per(v3_1 - v3_0),
-            unit: "requests",
+            unit: "requests".into(),
         },
         Figure {
             case: "Docker overlay: etcd requests per container (v2 reads + writes, v3)".into(),
             value: overlay.etcd_v2 + overlay.etcd_v3,
-            unit: "requests",
+            unit: "requests".into(),
         },
         Figure {
             case: "vxnet plugin: etcd requests per container (v3 gRPC + v2)".into(),
             value: plugin.etcd_v3 + plugin.etcd_v2,
-            unit: "requests",
+            unit: "requests".into(),
         },
     ]);
     support::print_table(&format!("{n} containers on one host"), &summaries, &ratios);
-    println!("\n| figure | value |\n|---|---:|");
-    for f in &figures {
-        println!("| {} | {:.2} {} |", f.case, f.value, f.unit);
-    }
+    support::print_figures(&figures);
     support::write_result(
         "fleet",
         &Report {

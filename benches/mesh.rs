@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use support::{Ratio, Summary};
+use support::{Figure, Ratio, Summary};
 use vxnet::lab::TEST_IMAGE;
 use vxnet::model::Mac;
 use vxnet::netns::NetNs;
@@ -393,10 +393,7 @@ async fn bench() {
         &summaries,
         &ratios,
     );
-    println!("\n| figure | value |\n|---|---:|");
-    for f in &figures {
-        println!("| {} | {:.0} {} |", f.case, f.value, f.unit);
-    }
+    support::print_figures(&figures);
     support::write_result(
         "mesh",
         &Report {
@@ -429,13 +426,6 @@ fn keep_dockerd_warnings(lab: &vxnet::lab::Lab, hosts: &[String]) {
         Ok(()) => eprintln!("dockerd warnings and errors kept in {}", path.display()),
         Err(e) => eprintln!("cannot write {}: {e}", path.display()),
     }
-}
-
-#[derive(serde::Serialize)]
-struct Figure {
-    case: String,
-    value: f64,
-    unit: String,
 }
 
 #[derive(serde::Serialize)]

@@ -58,6 +58,25 @@ impl Ratio {
     }
 }
 
+/// One figure that is not a latency distribution (a count, a size, one duration).
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub case: String,
+    pub value: f64,
+    pub unit: String,
+}
+
+/// Prints figures as a markdown table (whole numbers without decimals).
+pub fn print_figures(figures: &[Figure]) {
+    println!("\n| figure | value |\n|---|---:|");
+    for f in figures {
+        match f.value.fract() == 0.0 {
+            true => println!("| {} | {:.0} {} |", f.case, f.value, f.unit),
+            false => println!("| {} | {:.2} {} |", f.case, f.value, f.unit),
+        }
+    }
+}
+
 /// The machine a result was measured on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {

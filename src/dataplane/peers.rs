@@ -171,48 +171,39 @@ fn batch_socket() -> std::io::Result<netlink_sys::Socket> {
     Ok(socket)
 }
 
-fn fdb_message(vx: u32, p: &Peer) -> NeighbourMessage {
+/// A peer's FDB entry as a delete names it: its MAC's destination at its VTEP.
+fn fdb_key(vx: u32, p: &Peer) -> NeighbourMessage {
     let mut m = bridge_message(vx, &p.mac);
-    m.header.state = NeighbourState::Permanent;
     m.attributes
         .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
             p.vtep,
         )));
+    m
+}
+
+/// A peer's neighbour as a delete names it: its overlay IP on `vxlan1`.
+fn neigh_key(vx: u32, p: &Peer) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = vx;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            p.ip,
+        )));
+    m
+}
+
+fn fdb_message(vx: u32, p: &Peer) -> NeighbourMessage {
+    let mut m = fdb_key(vx, p);
+    m.header.state = NeighbourState::Permanent;
     m
 }
 
 fn neigh_message(vx: u32, p: &Peer) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
-    m.header.ifindex = vx;
+    let mut m = neigh_key(vx, p);
     m.header.state = NeighbourState::Permanent;
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            p.ip,
-        )));
-    m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(p.mac.0.to_vec()));
-    m
-}
-
-/// The removal requests of a peer: its MAC's destination at its VTEP, its IP's neighbour.
-fn fdb_delete(vx: u32, p: &Peer) -> NeighbourMessage {
-    let mut m = bridge_message(vx, &p.mac);
-    m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            p.vtep,
-        )));
-    m
-}
-
-fn neigh_delete(vx: u32, p: &Peer) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
-    m.header.ifindex = vx;
-    m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            p.ip,
-        )));
     m
 }
 
@@ -230,7 +221,7 @@ fn send_batch(
     for (i, p) in peers.iter().enumerate() {
         let msgs = match op {
             BatchOp::Add => [fdb_message(vx, p), neigh_message(vx, p)],
-            BatchOp::Remove => [fdb_delete(vx, p), neigh_delete(vx, p)],
+            BatchOp::Remove => [fdb_key(vx, p), neigh_key(vx, p)],
         };
         for (j, msg) in msgs.into_iter().enumerate() {
             let seq = (2 * i + j + 1) as u32;
