@@ -1,6 +1,9 @@
 //! What the plugin must remember across daemon restarts (Docker does not repeat Activate,
 //! CreateNetwork or CreateEndpoint to a plugin that comes back): one JSON file per record in
-//! the state directory, written atomically, kept in memory too.
+//! the state directory, replaced whole (write, rename), kept in memory too. Network bindings
+//! are fsynced: Docker's networks outlive a reboot. Endpoints and reservations are not: they
+//! die with the machine (their containers and the node's lease do too), and an fsync per
+//! plugin call would sit on every `docker run` on a disk.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -11,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Endpoint, Id, NetworkId};
-use crate::node::write_atomically;
+use crate::node::{write_atomically, write_replacing};
 
 /// A Docker network (by Docker's ID) and the vxnet network it stands for on this host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,12 +57,14 @@ impl Reservation {
 pub struct RecordDir<T> {
     dir: PathBuf,
     records: Mutex<BTreeMap<String, T>>,
+    /// Writes are fsynced (they must survive a power loss).
+    durable: bool,
 }
 
 impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
     /// Loads every record in `dir` (created if missing). An unreadable file is skipped with
-    /// a warning: one bad file must not stop the daemon.
-    pub fn load(dir: &Path) -> std::io::Result<Self> {
+    /// a warning: one bad file must not stop the daemon. `durable`: fsync every write.
+    pub fn load(dir: &Path, durable: bool) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut records = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
@@ -85,6 +90,7 @@ impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
         Ok(RecordDir {
             dir: dir.to_path_buf(),
             records: Mutex::new(records),
+            durable,
         })
     }
 
@@ -106,7 +112,10 @@ impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
         }
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
         let mut records = self.lock();
-        write_atomically(&self.path(key), &bytes)?;
+        match self.durable {
+            true => write_atomically(&self.path(key), &bytes)?,
+            false => write_replacing(&self.path(key), &bytes)?,
+        }
         records.insert(key.to_string(), record);
         Ok(())
     }
@@ -142,9 +151,9 @@ pub struct PluginState {
 impl PluginState {
     pub fn load(dir: &Path) -> std::io::Result<Self> {
         Ok(PluginState {
-            networks: RecordDir::load(&dir.join("networks"))?,
-            endpoints: RecordDir::load(&dir.join("endpoints"))?,
-            reservations: RecordDir::load(&dir.join("reservations"))?,
+            networks: RecordDir::load(&dir.join("networks"), true)?,
+            endpoints: RecordDir::load(&dir.join("endpoints"), false)?,
+            reservations: RecordDir::load(&dir.join("reservations"), false)?,
         })
     }
 }
