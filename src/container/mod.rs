@@ -112,7 +112,7 @@ fn remove_unowned_namespaces(dir: &std::path::Path, registry: &Registry) {
         let name = entry.file_name();
         let is_container = name
             .to_str()
-            .is_some_and(|n| n.len() == Id::SHORT_LEN && n.bytes().all(|b| b.is_ascii_hexdigit()));
+            .is_some_and(|n| n.len() == Id::SHORT_LEN && Id::looks_like_prefix(n));
         let path = entry.path();
         if !is_container || owned.contains(&path) {
             continue;
@@ -327,6 +327,15 @@ impl ContainerService {
     /// Creates a container: its namespace, its first network attachment. Its process is
     /// started by the caller, who then calls `start` with the PID.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<ContainerRecord, Error> {
+        // Checked before a namespace is taken; the defaults (the short ID) are always valid.
+        if let Some(name) = &req.name {
+            cluster::validate_name("container", name)?;
+        }
+        if let Some(h) = req.hostname.as_ref().filter(|h| !hostname_ok(h)) {
+            return Err(Error::invalid(format!(
+                "invalid hostname {h:?}: use 1 to 63 letters, digits and '-'"
+            )));
+        }
         // The namespace (and with it the container's ID) comes first, usually ready-made.
         let ready = self.pool.take().await?;
         let made = self.create_in(req, ready).await;
@@ -345,18 +354,6 @@ impl ContainerService {
             .hostname
             .clone()
             .unwrap_or_else(|| id.short().to_string());
-        let checked = cluster::validate_name("container", &name).and_then(|()| {
-            match hostname_ok(&hostname) {
-                true => Ok(()),
-                false => Err(Error::invalid(format!(
-                    "invalid hostname {hostname:?}: use 1 to 63 letters, digits and '-'"
-                ))),
-            }
-        });
-        if let Err(e) = checked {
-            self.pool.give_back(ready);
-            return Err(e);
-        }
         let netns = self.netns_dir.join(id.short());
         let mut record = ContainerRecord {
             id: id.clone(),

@@ -97,11 +97,6 @@ impl NamespacePool {
         });
     }
 
-    /// Whether `path` is one of the ready namespaces.
-    pub fn holds(&self, path: &Path) -> bool {
-        self.ready().iter().any(|r| r.ns.path() == Some(path))
-    }
-
     /// Removes every ready namespace (a clean stop).
     pub fn drain(&self) {
         let all = std::mem::take(&mut *self.ready());
