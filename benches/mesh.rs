@@ -123,10 +123,9 @@ async fn pin_all(members: &[Member], probes: &[usize]) {
                 peers.extend(
                     members
                         .iter()
-                        .filter(|t| {
-                            t.host != m.host && !probes.iter().any(|&p| members[p].ip == t.ip)
-                        })
-                        .map(|t| (t.ip, t.mac)),
+                        .enumerate()
+                        .filter(|(j, t)| t.host != m.host && !probes.contains(j))
+                        .map(|(_, t)| (t.ip, t.mac)),
                 );
             }
             pin(m, peers)

@@ -9,7 +9,8 @@
 //! - remote convergence: attach on vm3 until a container on vm2 gets its first ping reply,
 //!   pinging every 1 ms; measured from the create request (which includes vm3's own attach)
 //!   and from vm3's answer (the container is up there: how long until the other hosts reach
-//!   it, the figure comparable with etcd's watch delivery, which the target is taken on). The pinging container's ARP retransmit time is set to 1 ms (a sysctl
+//!   it, the figure comparable with etcd's watch delivery, which the target is taken on).
+//!   The pinging container's ARP retransmit time is set to 1 ms (a sysctl
 //!   inside that bench-made namespace) so that a probe sent before the entry existed is
 //!   retried within the millisecond instead of after the kernel's default second.
 

@@ -282,14 +282,7 @@ impl Frozen {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the daemon");
         let frozen = Frozen(pid);
         // The stop is delivered asynchronously: the burst starts only once it has taken.
-        let state = || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                .map(str::to_string)
-        };
-        while state().as_deref() != Some("T") {
+        while vxnet::lab::sys::stat_of(pid.as_raw() as u32).map(|(_, s)| s) != Some('T') {
             std::thread::sleep(Duration::from_millis(1));
         }
         frozen
