@@ -121,6 +121,10 @@ pub struct Reconciler {
     /// may not list its interface yet while its `run` is finishing).
     gateway_endpoints: std::sync::Mutex<HashSet<String>>,
     firewall: Arc<dyn Firewall>,
+    /// Held while the nftables table is written, so applies happen one at a time and each
+    /// writes the ruleset as of its turn. `true` once the table was removed for a clean stop:
+    /// a sync still running then must not put it back.
+    firewall_stopped: Arc<Mutex<bool>>,
     plugin_ports: Option<Arc<dyn PluginPorts>>,
     /// Set when a peer sync failed half-way: the changes it had taken from the view are
     /// lost, so the next sync recomputes every network instead.
@@ -148,6 +152,7 @@ impl Reconciler {
             gateway_bridge: Mutex::new(None),
             gateway_endpoints: std::sync::Mutex::new(HashSet::new()),
             firewall,
+            firewall_stopped: Arc::new(Mutex::new(false)),
             plugin_ports: None,
             peers_need_full_sync: AtomicBool::new(false),
         }
@@ -267,22 +272,36 @@ impl Reconciler {
         if self.gateway_bridge.lock().await.is_none() {
             return Ok(0);
         }
+        // Owned, and moved into the worker: a caller that gives up waiting does not let the
+        // next apply (or the removal) start before this one has finished.
+        let stopped = self.firewall_stopped.clone().lock_owned().await;
+        if *stopped {
+            return Ok(0);
+        }
         let ruleset = self.ruleset();
         let count = ruleset.ports.len();
         let firewall = self.firewall.clone();
         // A blocking netlink exchange, on a blocking-pool thread: still the daemon's namespace.
-        tokio::task::spawn_blocking(move || firewall.apply(&ruleset))
-            .await
-            .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
+        tokio::task::spawn_blocking(move || {
+            let _turn = stopped;
+            firewall.apply(&ruleset)
+        })
+        .await
+        .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
         Ok(count)
     }
 
-    /// Removes vxnet's nftables table (clean shutdown).
+    /// Removes vxnet's nftables table (clean shutdown); later syncs leave it removed.
     pub async fn remove_firewall(&self) -> Result<(), Error> {
+        let mut stopped = self.firewall_stopped.clone().lock_owned().await;
+        *stopped = true;
         let firewall = self.firewall.clone();
-        tokio::task::spawn_blocking(move || firewall.remove())
-            .await
-            .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
+        tokio::task::spawn_blocking(move || {
+            let _turn = stopped;
+            firewall.remove()
+        })
+        .await
+        .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
         Ok(())
     }
 
@@ -960,5 +979,92 @@ mod tests {
         assert_eq!(plan.fresh, vec![at([192, 0, 2, 2])]);
         let gone = PeerPlan::diff(&have, &PeerMap::new());
         assert_eq!(gone.stale, vec![at([192, 0, 2, 1])]);
+    }
+
+    /// Records what reached it; `apply` waits for the test's go-ahead before it finishes.
+    struct GatedFirewall {
+        log: std::sync::Mutex<Vec<&'static str>>,
+        entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl GatedFirewall {
+        fn log(&self) -> Vec<&'static str> {
+            self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+        fn note(&self, what: &'static str) {
+            if let Ok(mut l) = self.log.lock() {
+                l.push(what);
+            }
+        }
+    }
+
+    impl Firewall for GatedFirewall {
+        fn apply(&self, _: &Ruleset) -> Result<(), crate::firewall::FirewallError> {
+            self.note("apply started");
+            let _ = self.entered.lock().map(|tx| tx.send(()));
+            let _ = self.release.lock().map(|rx| rx.recv());
+            self.note("apply done");
+            Ok(())
+        }
+        fn remove(&self) -> Result<(), crate::firewall::FirewallError> {
+            self.note("remove");
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_stop_waits_for_a_running_firewall_apply_and_no_later_sync_undoes_it() {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let firewall = Arc::new(GatedFirewall {
+            log: Default::default(),
+            entered: std::sync::Mutex::new(entered_tx),
+            release: std::sync::Mutex::new(release_rx),
+        });
+        let dir = std::env::temp_dir().join(format!("vxnet-unit-firewall-{}", std::process::id()));
+        let registry = Arc::new(Registry::load(&dir).expect("a registry in a fresh temp dir"));
+        let (connection, handle, _) = rtnetlink::new_connection().expect("a netlink socket");
+        tokio::spawn(connection);
+        let reconciler = Arc::new(Reconciler::new(
+            handle,
+            LocalHost {
+                run_dir: dir.clone(),
+                advertise: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                node_id: Id::random(),
+                gateway: GatewayConfig {
+                    bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
+                    subnet: "172.18.0.0/16".parse().expect("a subnet"),
+                },
+            },
+            SharedView::fixed(ClusterView::default()),
+            registry,
+            firewall.clone(),
+        ));
+        // As if the gateway bridge had been made: syncs now write the table.
+        *reconciler.gateway_bridge.lock().await = Some(1);
+
+        let sync = tokio::spawn({
+            let r = reconciler.clone();
+            async move { r.sync_firewall().await }
+        });
+        tokio::task::spawn_blocking(move || entered_rx.recv())
+            .await
+            .expect("the waiter")
+            .expect("apply started");
+        // Its caller gives up (a dropped request): the apply still finishes before the removal.
+        sync.abort();
+        let stop = tokio::spawn({
+            let r = reconciler.clone();
+            async move { r.remove_firewall().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(firewall.log(), ["apply started"], "removed during an apply");
+        release_tx.send(()).expect("the apply is waiting");
+        stop.await.expect("the stop task").expect("remove");
+        // A sync that comes after the clean stop (a resync still running) changes nothing.
+        assert_eq!(reconciler.sync_firewall().await.expect("a no-op sync"), 0);
+        assert_eq!(firewall.log(), ["apply started", "apply done", "remove"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

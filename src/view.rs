@@ -300,6 +300,16 @@ impl SharedView {
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.revision.clone()
     }
+
+    /// A view that no watcher feeds, for unit tests of its readers.
+    #[cfg(test)]
+    pub(crate) fn fixed(view: ClusterView) -> SharedView {
+        let revision = view.revision;
+        SharedView {
+            inner: Arc::new(RwLock::new(view)),
+            revision: watch::channel(revision).1,
+        }
+    }
 }
 
 /// Starts the watcher task; returns the view it keeps current.

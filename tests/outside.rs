@@ -264,7 +264,10 @@ async fn the_nftables_table_is_removed_on_clean_shutdown_and_not_duplicated_on_r
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    restarted.wait().unwrap();
+    // Stopped by its own handler (exit 0), not by the signal's default action, which would
+    // leave the table behind.
+    let status = restarted.wait().unwrap();
+    assert!(status.success(), "the restarted daemon ended with {status}");
     assert!(!nft_ruleset(&lab, "vm2").contains("vxnet"));
 
     // Left behind by a daemon killed with -9, the table goes when asked (no daemon needed).
