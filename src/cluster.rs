@@ -14,6 +14,7 @@ use crate::ipam::{self, AddressPool};
 use crate::model::{self, Endpoint, Id, Mac, Network, NetworkId, NodeId, DRIVER_OVERLAY};
 use crate::store::Keys;
 use crate::store::{Compare, KeyValue, LeaseId, Op, Store, StoreError};
+use crate::sync::lock;
 
 /// How often a transaction that lost a race is retried on fresh data before giving up.
 const MAX_ATTEMPTS: usize = 32;
@@ -116,9 +117,7 @@ struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.key);
-        }
+        lock(self.set).remove(&self.key);
     }
 }
 
@@ -685,9 +684,12 @@ impl Cluster {
                         None => self.read_addresses(&net.id).await?,
                     };
                     let mut busy = taken.clone();
-                    if let Ok(set) = self.in_flight.lock() {
-                        busy.extend(set.iter().filter(|(n, _)| n == &net.id).map(|(_, ip)| *ip));
-                    }
+                    busy.extend(
+                        lock(&self.in_flight)
+                            .iter()
+                            .filter(|(n, _)| n == &net.id)
+                            .map(|(_, ip)| *ip),
+                    );
                     // After lost races, spread out: pick at random among the next few free
                     // addresses instead of the very next one every other host is trying too.
                     let spread = (lost_races * 2).clamp(1, 16);
@@ -753,9 +755,7 @@ impl Cluster {
 
     fn reserve(&self, net: &NetworkId, ip: Ipv4Addr) -> Reservation<'_> {
         let key = (net.clone(), ip);
-        if let Ok(mut set) = self.in_flight.lock() {
-            set.insert(key.clone());
-        }
+        lock(&self.in_flight).insert(key.clone());
         Reservation {
             set: &self.in_flight,
             key,

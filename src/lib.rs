@@ -19,4 +19,5 @@ pub mod netns;
 pub mod node;
 pub mod reconcile;
 pub mod store;
+pub mod sync;
 pub mod view;

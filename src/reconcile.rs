@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::firewall::{Firewall, PortMapping, Ruleset};
 use crate::model::{Endpoint, Network, NetworkId, NodeId};
 use crate::netns::NetNs;
+use crate::sync::lock;
 use crate::view::{ClusterView, PeerChanges, SharedView};
 
 /// VXLAN's UDP port (IANA); the same on every host of a cluster.
@@ -210,9 +211,7 @@ impl Reconciler {
         gw: &GatewayAttachment,
     ) -> Result<(), Error> {
         let bridge = self.ensure_gateway_bridge().await?;
-        if let Ok(mut made) = self.gateway_endpoints.lock() {
-            made.insert(gw.host_ifname.clone());
-        }
+        lock(&self.gateway_endpoints).insert(gw.host_ifname.clone());
         dataplane::ensure_gateway_endpoint(&self.host, bridge, container, &Self::gateway_spec(gw)?)
             .await?;
         Ok(())
@@ -220,9 +219,7 @@ impl Reconciler {
 
     pub async fn detach_gateway(&self, gw: &GatewayAttachment) -> Result<(), Error> {
         dataplane::remove_gateway_endpoint(&self.host, &gw.host_ifname).await?;
-        if let Ok(mut made) = self.gateway_endpoints.lock() {
-            made.remove(&gw.host_ifname);
-        }
+        lock(&self.gateway_endpoints).remove(&gw.host_ifname);
         Ok(())
     }
 
@@ -629,9 +626,7 @@ impl Reconciler {
                 .iter()
                 .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.host_ifname.clone()))
                 .collect();
-            if let Ok(made) = self.gateway_endpoints.lock() {
-                ours.extend(made.iter().cloned());
-            }
+            ours.extend(lock(&self.gateway_endpoints).iter().cloned());
             for link in dataplane::list_gateway_endpoints(&self.host, bridge).await? {
                 if !ours.contains(&link) {
                     dataplane::remove_gateway_endpoint(&self.host, &link).await?;

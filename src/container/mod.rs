@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::model::{self, Id, Mac, PublishedPort};
 use crate::netns::NetNs;
 use crate::reconcile::Reconciler;
+use crate::sync;
 use crate::view::SharedView;
 use nspool::{NamespacePool, Ready};
 use process::ProcessHandle;
@@ -78,9 +79,7 @@ struct GatewayPick<'a> {
 
 impl Drop for GatewayPick<'_> {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.ip);
-        }
+        sync::lock(self.set).remove(&self.ip);
     }
 }
 
@@ -165,11 +164,10 @@ impl ContainerService {
     }
 
     fn lock_for(&self, id: &Id) -> Arc<Mutex<()>> {
-        let mut locks = match self.locks.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        };
-        locks.entry(id.clone()).or_default().clone()
+        sync::lock(&self.locks)
+            .entry(id.clone())
+            .or_default()
+            .clone()
     }
 
     fn find(&self, reference: &str) -> Result<ContainerRecord, Error> {
@@ -268,10 +266,7 @@ impl ContainerService {
         let cfg = self.reconciler.gateway_config();
         let pool = crate::ipam::AddressPool::new(cfg.subnet, Some(cfg.gateway()), None)?;
         let pick = {
-            let mut picked = match self.gateway_picked.lock() {
-                Ok(p) => p,
-                Err(p) => p.into_inner(),
-            };
+            let mut picked = sync::lock(&self.gateway_picked);
             let mut used: std::collections::HashSet<Ipv4Addr> = self
                 .registry
                 .list()
@@ -510,9 +505,7 @@ impl ContainerService {
     }
 
     fn watch(self: &Arc<Self>, id: Id, handle: Arc<ProcessHandle>) {
-        if let Ok(mut p) = self.processes.lock() {
-            p.insert(id.clone(), handle.clone());
-        }
+        sync::lock(&self.processes).insert(id.clone(), handle.clone());
         let me = self.clone();
         tokio::spawn(async move {
             if let Err(e) = handle.exited().await {
@@ -534,9 +527,7 @@ impl ContainerService {
         if matches!(record.state, ContainerState::Exited { .. }) {
             return;
         }
-        if let Ok(mut p) = self.processes.lock() {
-            p.remove(id);
-        }
+        sync::lock(&self.processes).remove(id);
         // Mark it exited first, so that `release` sees its attachments as no longer live.
         record.state = ContainerState::Exited {
             at: model::now_rfc3339(),
@@ -578,13 +569,11 @@ impl ContainerService {
         if let Err(e) = self.registry.remove(&record.id) {
             tracing::warn!(container = %record.id.short(), error = %e, "cannot remove record");
         }
-        if let Ok(mut l) = self.locks.lock() {
-            l.remove(&record.id);
-        }
+        sync::lock(&self.locks).remove(&record.id);
     }
 
     fn handle(&self, id: &Id) -> Option<Arc<ProcessHandle>> {
-        self.processes.lock().ok().and_then(|p| p.get(id).cloned())
+        sync::lock(&self.processes).get(id).cloned()
     }
 
     /// SIGTERM, then SIGKILL after `grace`; returns once the container is cleaned up.

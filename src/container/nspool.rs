@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::Error;
 use crate::model::Id;
 use crate::netns::NetNs;
+use crate::sync::lock;
 
 /// How many namespaces the daemon keeps ready unless told otherwise (`--netns-pool`).
 pub const DEFAULT_SIZE: usize = 2;
@@ -43,10 +44,7 @@ impl NamespacePool {
     }
 
     fn ready(&self) -> std::sync::MutexGuard<'_, Vec<Ready>> {
-        match self.ready.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.ready)
     }
 
     /// A ready namespace, or one made now when none is left.

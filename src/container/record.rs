@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{EndpointId, Id, Mac, NetworkId, PublishedPort};
 use crate::node::write_replacing;
+use crate::sync::lock;
 
 /// Where a container's process is in its life.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,10 +143,7 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Id, ContainerRecord>> {
-        match self.records.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.records)
     }
 
     /// Stores (or replaces) a record, on disk first.

@@ -30,6 +30,7 @@ use crate::ipam;
 use crate::model::{self, Endpoint, EndpointId, Id, Mac, NetworkId};
 use crate::netns::NetNs;
 use crate::reconcile::Reconciler;
+use crate::sync::lock;
 use crate::view::SharedView;
 
 /// The address space vxnet's IPAM driver reports (both defaults): how CreateNetwork tells
@@ -127,10 +128,7 @@ impl DockerPlugin {
     /// unknown paths, so the table stays bounded whatever is sent).
     pub fn count_call(&self, call: &str, elapsed: std::time::Duration) {
         let us = elapsed.as_micros() as u64;
-        let mut calls = match self.calls.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut calls = lock(&self.calls);
         let stats = match calls.get_mut(call) {
             Some(s) => s,
             None => calls.entry(call.to_string()).or_default(),
@@ -142,22 +140,12 @@ impl DockerPlugin {
 
     /// The calls served since the daemon started.
     pub fn call_stats(&self) -> BTreeMap<String, CallStats> {
-        match self.calls.lock() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    fn leaving(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
-        match self.leaving.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.calls).clone()
     }
 
     /// Waits until a port removal started by a Leave of `endpoint` is over.
     async fn settle_leave(&self, endpoint: &str) {
-        let pending = self.leaving().remove(endpoint);
+        let pending = lock(&self.leaving).remove(endpoint);
         if let Some(task) = pending {
             let _ = task.await;
         }
@@ -556,7 +544,7 @@ impl DockerPlugin {
                 tracing::warn!(port, error = %e, "cannot remove a left endpoint's port yet; DeleteEndpoint retries");
             }
         });
-        let mut leaving = self.leaving();
+        let mut leaving = lock(&self.leaving);
         leaving.retain(|_, task| !task.is_finished());
         leaving.insert(req.endpoint_id, removal);
         Ok(Empty {})

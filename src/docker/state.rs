@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Endpoint, Id, NetworkId};
 use crate::node::{write_atomically, write_replacing};
+use crate::sync::lock;
 
 /// A Docker network (by Docker's ID) and the vxnet network it stands for on this host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,10 +96,7 @@ impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, T>> {
-        match self.records.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.records)
     }
 
     fn path(&self, key: &str) -> PathBuf {
