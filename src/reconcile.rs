@@ -269,33 +269,36 @@ impl Reconciler {
         if self.gateway_bridge.lock().await.is_none() {
             return Ok(0);
         }
-        // Owned, and moved into the worker: a caller that gives up waiting does not let the
-        // next apply (or the removal) start before this one has finished.
-        let stopped = self.firewall_stopped.clone().lock_owned().await;
-        if *stopped {
+        let turn = self.firewall_stopped.clone().lock_owned().await;
+        if *turn {
             return Ok(0);
         }
+        // Computed in this turn: an apply never writes a ruleset older than the last one.
         let ruleset = self.ruleset();
         let count = ruleset.ports.len();
-        let firewall = self.firewall.clone();
-        // A blocking netlink exchange, on a blocking-pool thread: still the daemon's namespace.
-        tokio::task::spawn_blocking(move || {
-            let _turn = stopped;
-            firewall.apply(&ruleset)
-        })
-        .await
-        .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
+        self.on_firewall(turn, move |f| f.apply(&ruleset)).await?;
         Ok(count)
     }
 
     /// Removes vxnet's nftables table (clean shutdown); later syncs leave it removed.
     pub async fn remove_firewall(&self) -> Result<(), Error> {
-        let mut stopped = self.firewall_stopped.clone().lock_owned().await;
-        *stopped = true;
+        let mut turn = self.firewall_stopped.clone().lock_owned().await;
+        *turn = true;
+        self.on_firewall(turn, |f| f.remove()).await
+    }
+
+    /// Runs `op` on a blocking-pool thread (a blocking netlink exchange; such a thread is
+    /// always in the daemon's own namespace), holding `turn` until `op` is done: a caller
+    /// that gives up waiting does not let the next apply, or the removal, start early.
+    async fn on_firewall(
+        &self,
+        turn: tokio::sync::OwnedMutexGuard<bool>,
+        op: impl FnOnce(&dyn Firewall) -> Result<(), crate::firewall::FirewallError> + Send + 'static,
+    ) -> Result<(), Error> {
         let firewall = self.firewall.clone();
         tokio::task::spawn_blocking(move || {
-            let _turn = stopped;
-            firewall.remove()
+            let _turn = turn;
+            op(firewall.as_ref())
         })
         .await
         .map_err(|e| Error::io("firewall worker", std::io::Error::other(e.to_string())))??;
