@@ -43,13 +43,7 @@ pub fn load_or_create_node_id(state_dir: &Path) -> io::Result<NodeId> {
 /// Writes a file by write-to-temporary + fsync + rename, so a crash leaves the old or the
 /// new content, never half of one.
 pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
+    write_via_temporary(path, content, true)
 }
 
 /// Writes a file by write-to-temporary + rename, without fsync: a crash of this process
@@ -58,8 +52,18 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
 /// container's record: its process does not survive a reboot), where an fsync per write
 /// would be most of an attach's cost on a disk.
 pub fn write_replacing(path: &Path, content: &[u8]) -> io::Result<()> {
+    write_via_temporary(path, content, false)
+}
+
+fn write_via_temporary(path: &Path, content: &[u8], fsync: bool) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, content)?;
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(content)?;
+        if fsync {
+            f.sync_all()?;
+        }
+    }
     fs::rename(&tmp, path)
 }
 

@@ -110,9 +110,10 @@ impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
         }
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
         let mut records = self.lock();
-        match self.durable {
-            true => write_atomically(&self.path(key), &bytes)?,
-            false => write_replacing(&self.path(key), &bytes)?,
+        if self.durable {
+            write_atomically(&self.path(key), &bytes)?;
+        } else {
+            write_replacing(&self.path(key), &bytes)?;
         }
         records.insert(key.to_string(), record);
         Ok(())
