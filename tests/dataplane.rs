@@ -208,6 +208,17 @@ fn sandbox_ns(host: &Host, name: &str) -> NetNs {
     )
 }
 
+/// Whether the oracle (`bridge fdb show dev vxlan1` in `ns`) lists `mac`'s permanent
+/// entry on the VXLAN device itself at `vtep`; with the listing, to show when it does not.
+fn fdb_has(ns: &NetNs, mac: &str, vtep: &str) -> (bool, String) {
+    let fdb = ok(ns, &["bridge", "fdb", "show", "dev", "vxlan1"]);
+    let entry = format!("{mac} dst {vtep} ");
+    let found = fdb
+        .lines()
+        .any(|l| l.starts_with(&entry) && l.ends_with("self permanent"));
+    (found, fdb)
+}
+
 fn udp_listeners(ns: &NetNs, port: u16) -> String {
     ok(ns, &["ss", "-Hlun", &format!("sport = :{port}")])
 }
@@ -557,13 +568,8 @@ async fn containers_on_two_hosts_ping_across_the_overlay() {
     assert_eq!(check(list_peers(sb_b).await, "list b"), vec![peer_a]);
     // The oracle agrees on what is programmed.
     let a_ns = sandbox_ns(&lab.a, &name);
-    let fdb = ok(&a_ns, &["bridge", "fdb", "show", "dev", "vxlan1"]);
-    assert!(
-        fdb.lines()
-            .any(|l| l.starts_with("02:42:0a:00:04:03 dst 192.0.2.2 ")
-                && l.ends_with("self permanent")),
-        "{fdb}"
-    );
+    let (found, fdb) = fdb_has(&a_ns, "02:42:0a:00:04:03", "192.0.2.2");
+    assert!(found, "{fdb}");
     let neigh = ok(&a_ns, &["ip", "neigh", "show", "dev", "vxlan1"]);
     assert!(
         neigh.contains("10.0.4.3 lladdr 02:42:0a:00:04:03 PERMANENT"),
@@ -620,13 +626,8 @@ async fn remove_peers_removes_only_the_named_vtep_and_cleans_half_entries() {
     // longer wants that IP (the reconciler replaces a moved peer, it never removes it).
     let ns = sandbox_ns(&lab.a, &name);
     check(remove_peers(&sb, &[old]).await, "remove old");
-    let fdb = ok(&ns, &["bridge", "fdb", "show", "dev", "vxlan1"]);
-    assert!(
-        fdb.lines()
-            .any(|l| l.starts_with("02:42:0a:00:04:09 dst 192.0.2.51 ")
-                && l.contains("self permanent")),
-        "{fdb}"
-    );
+    let (found, fdb) = fdb_has(&ns, "02:42:0a:00:04:09", "192.0.2.51");
+    assert!(found, "{fdb}");
     assert_eq!(ok(&ns, &["ip", "neigh", "show", "dev", "vxlan1"]), "");
     check(add_peers(&sb, &[moved]).await, "add moved again");
     check(remove_peers(&sb, &[moved]).await, "remove moved");
