@@ -3,6 +3,7 @@
 //! docs/architecture.md is the map; each module's doc comment says what it owns.
 
 pub mod api;
+pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod container;
@@ -20,4 +21,5 @@ pub mod node;
 pub mod reconcile;
 pub mod store;
 pub mod sync;
+pub mod validate;
 pub mod view;

@@ -32,10 +32,12 @@ impl<'de> Deserialize<'de> for Id {
         impl serde::de::Visitor<'_> for V {
             type Value = Id;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an ID string")
+                f.write_str("a 64-character lowercase hex ID")
             }
+            // Strict: an ID read from the store, a file or a request is well-formed or the
+            // whole record is refused, so every `Id` in the program can be cut to a prefix.
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
-                Ok(Id(Arc::from(v)))
+                v.parse().map_err(E::custom)
             }
         }
         d.deserialize_str(V)
@@ -55,6 +57,11 @@ impl Id {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The first `n` characters (all of them when shorter): interface and namespace names.
+    pub fn prefix(&self, n: usize) -> &str {
+        self.0.get(..n).unwrap_or(&self.0)
     }
 
     /// The 12-character form `network ls` shows.

@@ -13,11 +13,13 @@ use tokio::sync::watch;
 
 use std::net::Ipv4Addr;
 
+use crate::backoff::Backoff;
 use crate::cluster::{KnownAddresses, KnownNetworks, StoredNetwork};
 use crate::error::Error;
-use crate::model::{Endpoint, EndpointId, NetworkId, Node, NodeId};
+use crate::model::{Endpoint, EndpointId, Network, NetworkId, Node, NodeId};
 use crate::store::keys::KeyKind;
 use crate::store::{KeyValue, Keys, Store, StoreError, WatchEvent};
+use crate::validate::{self, RecordKind, Rejection};
 
 /// What the daemon knows of the cluster at one store revision.
 #[derive(Debug, Default, Clone)]
@@ -35,6 +37,22 @@ pub struct ClusterView {
     by_ip: HashMap<NetworkId, HashMap<Ipv4Addr, EndpointId>>,
     /// What changed for remote-endpoint programming since the reconciler last took it.
     peer_changes: PeerChanges,
+    /// Records in the store that failed admission (see `validate`), by key: none of them is
+    /// in the view. A rejected re-put of a record leaves its last accepted version in place.
+    rejected: BTreeMap<String, RejectedRecord>,
+    /// How many times a record was refused since the daemon started.
+    rejections: u64,
+}
+
+/// A record the view refused, and why.
+#[derive(Debug, Clone)]
+pub struct RejectedRecord {
+    pub kind: RecordKind,
+    pub reason: Rejection,
+    pub mod_revision: i64,
+    /// Kept for refusals that another record's change can lift (an endpoint whose network
+    /// had not arrived, or whose address another endpoint held).
+    retry: Option<KeyValue>,
 }
 
 /// What changed, since the last [`SharedView::take_peer_changes`], in what decides a host's
@@ -69,7 +87,16 @@ impl ClusterView {
     /// Builds a view from a full listing of the prefix.
     pub fn from_kvs(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Self {
         let mut view = ClusterView::default();
-        for kv in kvs {
+        // Networks and nodes before endpoints (the listing is sorted by key, which puts
+        // endpoints first): an endpoint is checked against its network.
+        let rank = |kv: &KeyValue| match keys.classify(&kv.key) {
+            KeyKind::Network(_) => 0,
+            KeyKind::Node(_) => 1,
+            _ => 2,
+        };
+        let mut ordered: Vec<&KeyValue> = kvs.iter().collect();
+        ordered.sort_by_key(|kv| rank(kv));
+        for kv in ordered {
             view.put(keys, kv);
         }
         view.revision = revision;
@@ -80,42 +107,100 @@ impl ClusterView {
         view
     }
 
-    /// Applies one watch event. Records that do not parse are skipped with a warning: a
-    /// stray or newer-format key must not stop the daemon.
+    /// Applies one watch event. Records that fail admission (`validate`) are refused,
+    /// logged once and listed in [`ClusterView::rejected`]: a stray, hostile or
+    /// newer-format record must not stop the daemon nor reach the kernel.
     pub fn apply(&mut self, keys: &Keys, event: &WatchEvent) {
         match event {
             WatchEvent::Put(kv) => self.put(keys, kv),
-            WatchEvent::Delete { key, .. } => match keys.classify(key) {
-                KeyKind::Node(id) => {
-                    if self.nodes.remove(&id).is_some() {
-                        self.peer_changes.all = true;
+            WatchEvent::Delete { key, .. } => {
+                self.rejected.remove(key);
+                match keys.classify(key) {
+                    KeyKind::Node(id) => {
+                        if self.nodes.remove(&id).is_some() {
+                            self.peer_changes.all = true;
+                        }
                     }
-                }
-                KeyKind::Network(id) => {
-                    self.networks.remove(&id);
-                }
-                KeyKind::Endpoint(net, id) => self.remove_endpoint(&net, &id),
-                KeyKind::Cursor(net) => {
-                    self.cursors.remove(&net);
-                }
-                KeyKind::Other => {}
-            },
-        }
-    }
-
-    fn put(&mut self, keys: &Keys, kv: &KeyValue) {
-        fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Option<T> {
-            match serde_json::from_slice(&kv.value) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    tracing::warn!(key = %kv.key, error = %e, "skipping unreadable record");
-                    None
+                    KeyKind::Network(id) => {
+                        self.networks.remove(&id);
+                    }
+                    KeyKind::Endpoint(net, id) => {
+                        if let Some(ip) = self.remove_endpoint(&net, &id) {
+                            self.retry_rejected(keys, |r| {
+                                matches!(r.reason, Rejection::AddressTaken { ip: taken, .. } if taken == ip)
+                                    && r.retry.as_ref().is_some_and(|kv| {
+                                        matches!(keys.classify(&kv.key),
+                                            KeyKind::Endpoint(n, _) if n == net)
+                                    })
+                            });
+                        }
+                    }
+                    KeyKind::Cursor(net) => {
+                        self.cursors.remove(&net);
+                    }
+                    KeyKind::Malformed { .. } | KeyKind::Other => {}
                 }
             }
         }
+    }
+
+    /// Records `kv` as refused. Logged when the key is refused for a new reason, not on
+    /// every re-put of the same bad value.
+    fn reject(&mut self, kind: RecordKind, kv: &KeyValue, reason: Rejection) {
+        self.rejections += 1;
+        let retry = matches!(
+            reason,
+            Rejection::UnknownNetwork { .. } | Rejection::AddressTaken { .. }
+        )
+        .then(|| kv.clone());
+        let known = self
+            .rejected
+            .get(&kv.key)
+            .is_some_and(|old| old.reason == reason);
+        if !known {
+            tracing::warn!(key = %kv.key, record = %kind, reason = %reason,
+                "refusing a record from the cluster store");
+        }
+        self.rejected.insert(
+            kv.key.clone(),
+            RejectedRecord {
+                kind,
+                reason,
+                mod_revision: kv.mod_revision,
+                retry,
+            },
+        );
+    }
+
+    /// Admits again the refused records `lift` picks, now that what refused them changed.
+    fn retry_rejected(&mut self, keys: &Keys, lift: impl Fn(&RejectedRecord) -> bool) {
+        let again: Vec<KeyValue> = self
+            .rejected
+            .values()
+            .filter(|r| lift(r))
+            .filter_map(|r| r.retry.clone())
+            .collect();
+        for kv in again {
+            self.rejected.remove(&kv.key);
+            self.put(keys, &kv);
+        }
+    }
+
+    /// The records refused so far, by key.
+    pub fn rejected(&self) -> &BTreeMap<String, RejectedRecord> {
+        &self.rejected
+    }
+
+    /// How many refusals there were since the daemon started (re-puts included).
+    pub fn rejections(&self) -> u64 {
+        self.rejections
+    }
+
+    fn put(&mut self, keys: &Keys, kv: &KeyValue) {
         match keys.classify(&kv.key) {
-            KeyKind::Node(id) => {
-                if let Some(node) = parse::<Node>(kv) {
+            KeyKind::Node(id) => match self.admit_node(&id, kv) {
+                Ok(node) => {
+                    self.rejected.remove(&kv.key);
                     let same_vtep = self
                         .nodes
                         .get(&id)
@@ -125,24 +210,32 @@ impl ClusterView {
                     }
                     self.nodes.insert(id, node);
                 }
-            }
-            KeyKind::Network(id) => {
-                if let Some(network) = parse(kv) {
+                Err(why) => self.reject(RecordKind::Node, kv, why),
+            },
+            KeyKind::Network(id) => match self.admit_network(&id, kv) {
+                Ok(network) => {
+                    self.rejected.remove(&kv.key);
                     self.networks.insert(
-                        id,
+                        id.clone(),
                         StoredNetwork {
                             network,
                             create_revision: kv.create_revision,
                             mod_revision: kv.mod_revision,
                         },
                     );
+                    self.retry_rejected(keys, |r| {
+                        matches!(&r.reason, Rejection::UnknownNetwork { network } if network == id.as_str())
+                    });
                 }
-            }
-            KeyKind::Endpoint(net, id) => {
-                if let Some(ep) = parse(kv) {
+                Err(why) => self.reject(RecordKind::Network, kv, why),
+            },
+            KeyKind::Endpoint(net, id) => match self.admit_endpoint(&net, &id, kv) {
+                Ok(ep) => {
+                    self.rejected.remove(&kv.key);
                     self.put_endpoint(net, id, ep);
                 }
-            }
+                Err(why) => self.reject(RecordKind::Endpoint, kv, why),
+            },
             KeyKind::Cursor(net) => {
                 let ip = std::str::from_utf8(&kv.value)
                     .ok()
@@ -151,8 +244,67 @@ impl ClusterView {
                     self.cursors.insert(net, ip);
                 }
             }
+            KeyKind::Malformed { record, rest } => {
+                let kind = match record {
+                    "node" => RecordKind::Node,
+                    "network" => RecordKind::Network,
+                    _ => RecordKind::Endpoint,
+                };
+                let why = Rejection::BadKeyId {
+                    what: "path",
+                    value: rest,
+                };
+                self.reject(kind, kv, why);
+            }
             KeyKind::Other => {}
         }
+    }
+
+    fn admit_node(&self, id: &NodeId, kv: &KeyValue) -> Result<Node, Rejection> {
+        let node: Node = validate::parse(RecordKind::Node, &kv.value)?;
+        validate::check_node(id, &node)?;
+        Ok(node)
+    }
+
+    fn admit_network(&self, id: &NetworkId, kv: &KeyValue) -> Result<Network, Rejection> {
+        let network: Network = validate::parse(RecordKind::Network, &kv.value)?;
+        validate::check_network(id, &network)?;
+        // Two networks on one VNI would be one broadcast domain on every host that has both.
+        if let Some(other) = self
+            .networks
+            .values()
+            .find(|n| n.network.vni == network.vni && &n.network.id != id)
+        {
+            return Err(Rejection::VniTaken {
+                vni: network.vni,
+                holder: other.network.id.short().to_string(),
+            });
+        }
+        Ok(network)
+    }
+
+    fn admit_endpoint(
+        &self,
+        net: &NetworkId,
+        id: &EndpointId,
+        kv: &KeyValue,
+    ) -> Result<Endpoint, Rejection> {
+        let ep: Endpoint = validate::parse(RecordKind::Endpoint, &kv.value)?;
+        let Some(stored) = self.networks.get(net) else {
+            return Err(Rejection::UnknownNetwork {
+                network: net.to_string(),
+            });
+        };
+        validate::check_endpoint(net, id, &ep, &stored.network)?;
+        if let Some(holder) = self.by_ip.get(net).and_then(|m| m.get(&ep.ip)) {
+            if holder != id {
+                return Err(Rejection::AddressTaken {
+                    ip: ep.ip,
+                    holder: holder.short().to_string(),
+                });
+            }
+        }
+        Ok(ep)
     }
 
     fn put_endpoint(&mut self, net: NetworkId, id: EndpointId, mut ep: Endpoint) {
@@ -184,17 +336,15 @@ impl ClusterView {
         }
     }
 
-    fn remove_endpoint(&mut self, net: &NetworkId, id: &EndpointId) {
-        let Some(eps) = self.endpoints.get_mut(net) else {
-            return;
-        };
-        let Some(old) = eps.remove(id) else {
-            return;
-        };
+    /// Removes an endpoint; returns the address it held.
+    fn remove_endpoint(&mut self, net: &NetworkId, id: &EndpointId) -> Option<Ipv4Addr> {
+        let eps = self.endpoints.get_mut(net)?;
+        let old = eps.remove(id)?;
         if eps.is_empty() {
             self.endpoints.remove(net);
         }
         self.forget_ip(net, id, old.ip);
+        Some(old.ip)
     }
 
     /// Drops endpoint `id`'s former address `ip` from the index, unless `id` was re-put
@@ -330,7 +480,8 @@ async fn run_watcher(
     view: Arc<RwLock<ClusterView>>,
     revision: watch::Sender<i64>,
 ) {
-    let mut backoff = Backoff::new();
+    // Jitter adds up to as much again: pauses of 25..50 ms growing to 250..500 ms.
+    let mut backoff = Backoff::new(Duration::from_millis(25), MAX_BACKOFF / 2);
     let mut need_list = true;
     loop {
         if need_list {
@@ -399,18 +550,174 @@ async fn run_watcher(
 /// timeout on a silent one): no busy loop.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Exponential backoff from 50 ms to [`MAX_BACKOFF`].
-struct Backoff(Duration);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Id, Mac, Network};
 
-impl Backoff {
-    fn new() -> Self {
-        Backoff(Duration::from_millis(50))
+    fn kv(key: String, value: Vec<u8>) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        }
     }
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(50);
+
+    fn network(subnet: &str, vni: u32) -> Network {
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
+        Network {
+            id: Id::random(),
+            name: format!("n{vni}"),
+            driver: "overlay".into(),
+            subnet,
+            gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            ip_range: None,
+            vni,
+            mtu: None,
+            labels: Default::default(),
+            internal: false,
+            created: String::new(),
+            created_by: Id::random(),
+        }
     }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+
+    fn endpoint(net: &Network, ip: [u8; 4], mac: Option<Mac>) -> Endpoint {
+        let ip = Ipv4Addr::from(ip);
+        Endpoint {
+            id: Id::random(),
+            network_id: net.id.clone(),
+            name: "e".into(),
+            node_id: Id::random(),
+            ip,
+            mac: mac.unwrap_or(Mac::from_ipv4(ip)),
+            created: String::new(),
+        }
+    }
+
+    fn put_ep(keys: &Keys, ep: &Endpoint) -> WatchEvent {
+        WatchEvent::Put(kv(
+            keys.endpoint(&ep.network_id, &ep.id),
+            serde_json::to_vec(ep).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn a_listing_admits_endpoints_listed_before_their_network() {
+        let keys = Keys::new("/t/");
+        let net = network("10.0.4.0/24", 4096);
+        let ep = endpoint(&net, [10, 0, 4, 2], None);
+        // Sorted by key, as etcd lists them: endpoints/ before networks/.
+        let kvs = vec![
+            kv(
+                keys.endpoint(&net.id, &ep.id),
+                serde_json::to_vec(&ep).unwrap(),
+            ),
+            kv(keys.network(&net.id), serde_json::to_vec(&net).unwrap()),
+        ];
+        let view = ClusterView::from_kvs(&keys, &kvs, 2);
+        assert_eq!(view.endpoints_of(&net.id).count(), 1);
+        assert!(view.rejected().is_empty(), "{:?}", view.rejected());
+    }
+
+    #[test]
+    fn bad_records_are_refused_and_listed_and_others_are_untouched() {
+        let keys = Keys::new("/t/");
+        let net = network("10.0.4.0/24", 4096);
+        let mut view = ClusterView::from_kvs(
+            &keys,
+            &[kv(keys.network(&net.id), serde_json::to_vec(&net).unwrap())],
+            1,
+        );
+        let good = endpoint(&net, [10, 0, 4, 2], None);
+        let multicast = endpoint(&net, [10, 0, 4, 3], Some(Mac([1, 0, 0x5e, 0, 0, 1])));
+        let outside = endpoint(&net, [10, 0, 5, 3], None);
+        let gateway = endpoint(&net, [10, 0, 4, 1], None);
+        let taken = endpoint(&net, [10, 0, 4, 2], None);
+        for ep in [&good, &multicast, &outside, &gateway, &taken] {
+            view.apply(&keys, &put_ep(&keys, ep));
+        }
+        view.apply(
+            &keys,
+            &WatchEvent::Put(kv(
+                format!("{}abc", keys.endpoints(&net.id)),
+                b"{}".to_vec(),
+            )),
+        );
+        view.apply(
+            &keys,
+            &WatchEvent::Put(kv(keys.endpoint(&net.id, &Id::random()), b"{oops".to_vec())),
+        );
+        assert_eq!(
+            view.endpoints_of(&net.id)
+                .map(|e| e.id.clone())
+                .collect::<Vec<_>>(),
+            vec![good.id.clone()]
+        );
+        assert_eq!(view.rejected().len(), 6, "{:?}", view.rejected());
+        let reason = |ep: &Endpoint| {
+            view.rejected()[&keys.endpoint(&net.id, &ep.id)]
+                .reason
+                .to_string()
+        };
+        assert!(reason(&multicast).contains("multicast"));
+        assert!(reason(&outside).contains("outside"));
+        assert!(reason(&gateway).contains("gateway"));
+        assert!(reason(&taken).contains("already belongs"));
+        // The first holder goes: the second claimant of its address is admitted.
+        view.apply(
+            &keys,
+            &WatchEvent::Delete {
+                key: keys.endpoint(&net.id, &good.id),
+                mod_revision: 2,
+            },
+        );
+        assert_eq!(
+            view.endpoint_at(&net.id, Ipv4Addr::new(10, 0, 4, 2))
+                .map(|e| e.id.clone()),
+            Some(taken.id.clone())
+        );
+        // A bad record's key deleted: no longer listed.
+        view.apply(
+            &keys,
+            &WatchEvent::Delete {
+                key: keys.endpoint(&net.id, &multicast.id),
+                mod_revision: 3,
+            },
+        );
+        assert_eq!(view.rejected().len(), 4);
+        // A second network on the same VNI would share the first one's broadcast domain.
+        let twin = network("10.0.9.0/24", 4096);
+        view.apply(
+            &keys,
+            &WatchEvent::Put(kv(
+                keys.network(&twin.id),
+                serde_json::to_vec(&twin).unwrap(),
+            )),
+        );
+        assert!(!view.networks.contains_key(&twin.id));
+    }
+
+    #[test]
+    fn a_bad_re_put_keeps_the_last_accepted_version() {
+        let keys = Keys::new("/t/");
+        let net = network("10.0.4.0/24", 4096);
+        let mut view = ClusterView::from_kvs(
+            &keys,
+            &[kv(keys.network(&net.id), serde_json::to_vec(&net).unwrap())],
+            1,
+        );
+        let ep = endpoint(&net, [10, 0, 4, 2], None);
+        view.apply(&keys, &put_ep(&keys, &ep));
+        let mut bad = ep.clone();
+        bad.mac = Mac([0; 6]);
+        view.apply(&keys, &put_ep(&keys, &bad));
+        assert_eq!(
+            view.endpoint_at(&net.id, ep.ip).map(|e| e.mac),
+            Some(ep.mac)
+        );
+        assert_eq!(view.rejected().len(), 1);
+        assert_eq!(view.rejections(), 1);
     }
 }

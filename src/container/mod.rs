@@ -289,7 +289,7 @@ impl ContainerService {
         let ip = pick.ip;
         let gw = GatewayAttachment {
             ifname: "eth1".into(),
-            host_ifname: format!("gw{}", &record.id.as_str()[..7]),
+            host_ifname: format!("gw{}", record.id.prefix(7)),
             ip,
             prefix_len: cfg.subnet.prefix_len(),
             mac: Mac::from_ipv4(ip),

@@ -59,7 +59,7 @@ pub struct GatewayAttachment {
 impl Attachment {
     /// The sandbox-side veth's name: "veth" + 7 characters of the endpoint ID (15 max).
     pub fn host_ifname(&self) -> String {
-        format!("veth{}", &self.endpoint_id.as_str()[..7])
+        format!("veth{}", self.endpoint_id.prefix(7))
     }
 }
 

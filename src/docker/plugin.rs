@@ -470,8 +470,8 @@ impl DockerPlugin {
             }
         };
         let record = EndpointRecord {
-            sandbox_ifname: format!("veth{}", &id.as_str()[..7]),
-            runtime_ifname: format!("vxd{}", &id.as_str()[..10]),
+            sandbox_ifname: format!("veth{}", id.prefix(7)),
+            runtime_ifname: format!("vxd{}", id.prefix(10)),
             joined: false,
             endpoint,
         };

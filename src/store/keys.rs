@@ -34,6 +34,15 @@ pub enum KeyKind {
     Endpoint(NetworkId, EndpointId),
     /// The allocation cursor of a network's IPAM.
     Cursor(NetworkId),
+    /// A key in the nodes, networks or endpoints directory that does not name a record the
+    /// way vxnet writes them (an ID that is not 64 lowercase hex, a path too deep): refused
+    /// and reported by the view rather than ignored unseen.
+    Malformed {
+        /// "node", "network" or "endpoint".
+        record: &'static str,
+        /// The part of the key after the prefix.
+        rest: String,
+    },
     /// Anything else under the prefix (names, VNIs, IPAM): not part of the view.
     Other,
 }
@@ -95,21 +104,29 @@ impl Keys {
         let Some(rest) = key.strip_prefix(&self.prefix) else {
             return KeyKind::Other;
         };
+        let malformed = |record| KeyKind::Malformed {
+            record,
+            rest: rest.chars().take(200).collect(),
+        };
         let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("nodes"), Some(id), None, None) => {
-                id.parse().map(KeyKind::Node).unwrap_or(KeyKind::Other)
+                id.parse().map(KeyKind::Node).unwrap_or(malformed("node"))
             }
-            (Some("networks"), Some(id), None, None) => {
-                id.parse().map(KeyKind::Network).unwrap_or(KeyKind::Other)
-            }
+            (Some("nodes"), ..) => malformed("node"),
+            (Some("networks"), Some(id), None, None) => id
+                .parse()
+                .map(KeyKind::Network)
+                .unwrap_or(malformed("network")),
+            (Some("networks"), ..) => malformed("network"),
             (Some("ipam"), Some(net), Some("cursor"), None) => {
                 net.parse().map(KeyKind::Cursor).unwrap_or(KeyKind::Other)
             }
             (Some("endpoints"), Some(net), Some(ep), None) => match (net.parse(), ep.parse()) {
                 (Ok(net), Ok(ep)) => KeyKind::Endpoint(net, ep),
-                _ => KeyKind::Other,
+                _ => malformed("endpoint"),
             },
+            (Some("endpoints"), ..) => malformed("endpoint"),
             _ => KeyKind::Other,
         }
     }
@@ -145,7 +162,21 @@ mod tests {
             keys.classify(&keys.addr(&net, Ipv4Addr::new(10, 0, 0, 2))),
             KeyKind::Other
         );
-        assert_eq!(keys.classify("/test/networks/not-an-id"), KeyKind::Other);
+        assert_eq!(
+            keys.classify("/test/networks/not-an-id"),
+            KeyKind::Malformed {
+                record: "network",
+                rest: "networks/not-an-id".into()
+            }
+        );
+        assert!(matches!(
+            keys.classify(&format!("{}/extra", keys.endpoint(&net, &Id::random()))),
+            KeyKind::Malformed {
+                record: "endpoint",
+                ..
+            }
+        ));
+        assert_eq!(keys.classify("/test/network-names/x/y"), KeyKind::Other);
         assert_eq!(keys.classify("/other/networks/x"), KeyKind::Other);
     }
 }
