@@ -268,17 +268,22 @@ async fn start_up_resync(
             }
         }
     });
-    let mut pause = Duration::from_millis(100);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match reconciler.resync().await {
             Ok(report) => {
+                // A network that failed is retried on its own by the reconciler.
+                for n in report.failed() {
+                    tracing::warn!(network = %n.network, error = ?n.error,
+                        "network not reconciled at start-up; retrying it alone");
+                }
                 tracing::info!(?report, "kernel state reconciled");
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "start-up resync failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, "start-up resync of the gateway bridge or firewall failed; retrying");
+                backoff.wait().await;
             }
         }
     }

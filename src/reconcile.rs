@@ -14,13 +14,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::backoff::Backoff;
 use crate::container::record::{Attachment, ContainerState, GatewayAttachment, Registry};
 use crate::dataplane::{self, EndpointSpec, Peer, Sandbox, SandboxSpec, Underlay};
 use crate::error::Error;
@@ -37,7 +38,7 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// The name of a network's sandbox namespace: Docker's `1-` + 10 characters of the ID.
 pub fn sandbox_name(net: &NetworkId) -> String {
-    format!("{}{}", dataplane::SANDBOX_PREFIX, &net.as_str()[..10])
+    format!("{}{}", dataplane::SANDBOX_PREFIX, net.prefix(10))
 }
 
 /// This host's gateway bridge (Docker's docker_gwbridge): containers' way out of the overlay.
@@ -70,7 +71,7 @@ pub struct LocalHost {
     pub gateway: GatewayConfig,
 }
 
-/// What a full resync found and fixed.
+/// What a full resync found and fixed: totals, and each network on its own.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ResyncReport {
     pub sandboxes: usize,
@@ -83,6 +84,60 @@ pub struct ResyncReport {
     pub gateway_endpoints: usize,
     #[serde(default)]
     pub published_ports: usize,
+    /// Every network this host has or had a sandbox for, with what was done or what failed.
+    #[serde(default)]
+    pub networks: Vec<NetworkResync>,
+}
+
+impl ResyncReport {
+    /// The networks whose reconcile failed (each is retried on its own with backoff).
+    pub fn failed(&self) -> impl Iterator<Item = &NetworkResync> {
+        self.networks.iter().filter(|n| n.error.is_some())
+    }
+
+    fn add(&mut self, n: NetworkResync) {
+        self.sandboxes += usize::from(n.sandbox_ensured);
+        self.sandboxes_removed += usize::from(n.sandbox_removed);
+        self.endpoints_repaired += n.endpoints_repaired;
+        self.stray_links_removed += n.stray_links_removed;
+        self.peers_added += n.peers_added;
+        self.peers_removed += n.peers_removed;
+        self.networks.push(n);
+    }
+}
+
+/// One network's part of a resync.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NetworkResync {
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub sandbox_ensured: bool,
+    #[serde(default)]
+    pub sandbox_removed: bool,
+    #[serde(default)]
+    pub endpoints_repaired: usize,
+    #[serde(default)]
+    pub stray_links_removed: usize,
+    #[serde(default)]
+    pub peers_added: usize,
+    #[serde(default)]
+    pub peers_removed: usize,
+    /// Set when this network could not be brought in line; the others were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A network whose programming failed, as `vxnet info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkError {
+    pub network: String,
+    pub error: String,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// Milliseconds until the next attempt.
+    pub retry_in_ms: u64,
 }
 
 /// Sandbox ports this host keeps for containers that vxnet's own records do not list (the
@@ -106,6 +161,25 @@ struct Programmed {
     endpoints: BTreeSet<String>,
 }
 
+/// One network's programmed state on this host (`None`: no sandbox). Each network has its
+/// own lock, so kernel work in one network (a 50k-peer batch, a slow netlink answer) holds
+/// up nothing in another; one network is never reconciled twice at once.
+type Slot = Arc<Mutex<Option<Programmed>>>;
+
+/// A network whose last reconcile failed: it is retried alone, with backoff, while every
+/// other network goes on converging.
+struct Failure {
+    error: String,
+    attempts: u32,
+    retry_at: tokio::time::Instant,
+    backoff: Backoff,
+}
+
+/// The first retry of a failed network comes after 50..100 ms; later ones after at most
+/// 2.5..5 s (exponential, jittered: hosts failing alike do not retry in lockstep).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(2500);
+
 pub struct Reconciler {
     host: rtnetlink::Handle,
     run_dir: PathBuf,
@@ -113,7 +187,11 @@ pub struct Reconciler {
     node_id: NodeId,
     view: SharedView,
     registry: Arc<Registry>,
-    state: Mutex<HashMap<NetworkId, Programmed>>,
+    state: std::sync::Mutex<HashMap<NetworkId, Slot>>,
+    failing: std::sync::Mutex<HashMap<NetworkId, Failure>>,
+    /// Wakes the run loop when a failure is recorded elsewhere (a resync), so that its
+    /// retry timer covers it.
+    failures_changed: tokio::sync::Notify,
     underlay: Mutex<Option<Underlay>>,
     gateway: GatewayConfig,
     /// The gateway bridge's index once it exists (made with the first container that needs it).
@@ -127,9 +205,6 @@ pub struct Reconciler {
     /// a sync still running then must not put it back.
     firewall_stopped: Arc<Mutex<bool>>,
     plugin_ports: Option<Arc<dyn PluginPorts>>,
-    /// Set when a peer sync failed half-way: the changes it had taken from the view are
-    /// lost, so the next sync recomputes every network instead.
-    peers_need_full_sync: AtomicBool,
 }
 
 impl Reconciler {
@@ -147,7 +222,9 @@ impl Reconciler {
             node_id: local.node_id,
             view,
             registry,
-            state: Mutex::new(HashMap::new()),
+            state: std::sync::Mutex::new(HashMap::new()),
+            failing: std::sync::Mutex::new(HashMap::new()),
+            failures_changed: tokio::sync::Notify::new(),
             underlay: Mutex::new(None),
             gateway: local.gateway,
             gateway_bridge: Mutex::new(None),
@@ -155,7 +232,6 @@ impl Reconciler {
             firewall,
             firewall_stopped: Arc::new(Mutex::new(false)),
             plugin_ports: None,
-            peers_need_full_sync: AtomicBool::new(false),
         }
     }
 
@@ -385,30 +461,49 @@ impl Reconciler {
         })
     }
 
+    /// The network's slot, made empty if it has none yet.
+    fn slot(&self, net: &NetworkId) -> Slot {
+        lock(&self.state).entry(net.clone()).or_default().clone()
+    }
+
+    fn slots(&self) -> Vec<(NetworkId, Slot)> {
+        lock(&self.state)
+            .iter()
+            .map(|(id, slot)| (id.clone(), slot.clone()))
+            .collect()
+    }
+
+    /// Forgets an empty slot nobody else holds (a network this host no longer serves).
+    fn prune_slot(&self, net: &NetworkId) {
+        let mut slots = lock(&self.state);
+        let unused = slots.get(net).is_some_and(|slot| {
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|p| p.is_none())
+        });
+        if unused {
+            slots.remove(net);
+        }
+    }
+
     /// Gets the network's sandbox ready, creating it (with every current remote peer) if
     /// this host has none yet.
     async fn ensure_programmed<'a>(
         &self,
-        state: &'a mut HashMap<NetworkId, Programmed>,
+        slot: &'a mut Option<Programmed>,
         net: &Network,
     ) -> Result<&'a mut Programmed, Error> {
-        if !state.contains_key(&net.id) {
+        if slot.is_none() {
             let spec = self.sandbox_spec(net).await?;
             let sandbox = dataplane::ensure_sandbox(&self.host, &self.run_dir, &spec).await?;
             let peers = self.view.with(|v| self.desired_peers(v, &net.id));
             let list: Vec<Peer> = peers.values().copied().collect();
             dataplane::add_peers(&sandbox, &list).await?;
-            state.insert(
-                net.id.clone(),
-                Programmed {
-                    sandbox: Arc::new(sandbox),
-                    peers,
-                    endpoints: BTreeSet::new(),
-                },
-            );
+            *slot = Some(Programmed {
+                sandbox: Arc::new(sandbox),
+                peers,
+                endpoints: BTreeSet::new(),
+            });
         }
-        state
-            .get_mut(&net.id)
+        slot.as_mut()
             .ok_or_else(|| Error::conflict("sandbox vanished while being programmed"))
     }
 
@@ -420,8 +515,9 @@ impl Reconciler {
         net: &Network,
         att: &Attachment,
     ) -> Result<(), Error> {
-        let mut state = self.state.lock().await;
-        let programmed = self.ensure_programmed(&mut state, net).await?;
+        let slot = self.slot(&net.id);
+        let mut programmed = slot.lock().await;
+        let programmed = self.ensure_programmed(&mut programmed, net).await?;
         // Counted before the kernel work, so a failure half-way still gets cleaned up by detach.
         programmed.endpoints.insert(att.host_ifname());
         dataplane::ensure_endpoint(&programmed.sandbox, container, &Self::endpoint_spec(att)?)
@@ -443,8 +539,9 @@ impl Reconciler {
         net: &Network,
         spec: &dataplane::HandoffSpec,
     ) -> Result<(), Error> {
-        let mut state = self.state.lock().await;
-        let programmed = self.ensure_programmed(&mut state, net).await?;
+        let slot = self.slot(&net.id);
+        let mut programmed = slot.lock().await;
+        let programmed = self.ensure_programmed(&mut programmed, net).await?;
         programmed.endpoints.insert(spec.sandbox_ifname.clone());
         dataplane::ensure_handoff_endpoint(&programmed.sandbox, runtime, spec).await?;
         Ok(())
@@ -456,15 +553,16 @@ impl Reconciler {
     }
 
     async fn remove_port(&self, net: &NetworkId, sandbox_ifname: &str) -> Result<(), Error> {
-        let mut state = self.state.lock().await;
-        let last = match state.get_mut(net) {
+        let slot = self.slot(net);
+        let mut programmed = slot.lock().await;
+        let last = match programmed.as_mut() {
             Some(p) if p.endpoints.len() > 1 || !p.endpoints.contains(sandbox_ifname) => {
                 // Not the sandbox's last port: delete the link without the lock. Deleting a
                 // device waits for an RCU grace period (milliseconds to tens of them), which
-                // must not hold up every other attach and the peer sync.
+                // must not hold up the network's other attaches and its peer sync.
                 p.endpoints.remove(sandbox_ifname);
                 let sandbox = p.sandbox.clone();
-                drop(state);
+                drop(programmed);
                 dataplane::remove_endpoint(&sandbox, sandbox_ifname).await?;
                 return Ok(());
             }
@@ -487,131 +585,239 @@ impl Reconciler {
             }
         };
         if last {
-            state.remove(net);
+            *programmed = None;
             dataplane::remove_sandbox(&self.run_dir, &sandbox_name(net)).await?;
         }
+        drop(programmed);
+        drop(slot);
+        self.prune_slot(net);
         Ok(())
     }
 
     /// Brings every programmed sandbox's peers in line with the view. Incremental: only the
     /// addresses the view reports changed since the last sync are looked at (a burst of
     /// watch events costs its own size, not the size of the view), unless the view asks for
-    /// everything (a re-list, a node change) or the previous sync failed half-way.
-    pub async fn sync_peers(&self) -> Result<(), Error> {
-        let mut state = self.state.lock().await;
-        let mut changes = self.view.take_peer_changes();
-        changes.all |= self.peers_need_full_sync.swap(false, Ordering::SeqCst);
-        let plans: Vec<(NetworkId, PeerPlan)> = self.view.with(|v| {
-            state
-                .iter()
-                .map(|(id, p)| {
-                    (
-                        id.clone(),
-                        plan_peers(v, &self.node_id, id, &p.peers, &changes),
-                    )
-                })
-                .filter(|(_, plan)| !plan.is_empty())
-                .collect()
-        });
-        for (id, plan) in plans {
-            let Some(p) = state.get_mut(&id) else {
+    /// everything (a re-list, a node change). A network whose programming fails is handed to
+    /// its own retry (a full reconcile of that network, with backoff) and the others go on;
+    /// networks waiting for their retry are skipped here.
+    pub async fn sync_peers(&self) {
+        let changes = self.view.take_peer_changes();
+        let failing: HashSet<NetworkId> = lock(&self.failing).keys().cloned().collect();
+        for (id, slot) in self.slots() {
+            if failing.contains(&id) {
+                continue;
+            }
+            let mut programmed = slot.lock().await;
+            let Some(p) = programmed.as_mut() else {
                 continue;
             };
-            if let Err(e) = apply_plan(&p.sandbox, &plan).await {
-                self.peers_need_full_sync.store(true, Ordering::SeqCst);
-                return Err(e);
+            let plan = self
+                .view
+                .with(|v| plan_peers(v, &self.node_id, &id, &p.peers, &changes));
+            if plan.is_empty() {
+                continue;
             }
-            plan.record(&mut p.peers);
+            match apply_plan(&p.sandbox, &plan).await {
+                Ok(()) => plan.record(&mut p.peers),
+                // What was programmed is unknown now: the retry reads the kernel back.
+                Err(e) => self.network_failed(&id, &e),
+            }
         }
-        Ok(())
     }
 
-    /// Full resync: reads the kernel back and fixes every difference. Safe to run any time.
+    /// Records a failed reconcile of `net` and schedules its retry. Logged when the error
+    /// changes, not on every attempt.
+    fn network_failed(&self, net: &NetworkId, e: &Error) {
+        let error = e.to_string();
+        let mut failing = lock(&self.failing);
+        let f = failing.entry(net.clone()).or_insert_with(|| Failure {
+            error: String::new(),
+            attempts: 0,
+            retry_at: tokio::time::Instant::now(),
+            backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+        });
+        f.attempts += 1;
+        f.retry_at = tokio::time::Instant::now() + f.backoff.next_pause();
+        if f.error != error {
+            tracing::warn!(network = %net.short(), error = %error, attempts = f.attempts,
+                "programming this network failed; retrying it alone with backoff");
+            f.error = error;
+        }
+        drop(failing);
+        self.failures_changed.notify_one();
+    }
+
+    fn network_recovered(&self, net: &NetworkId) {
+        if let Some(f) = lock(&self.failing).remove(net) {
+            tracing::info!(network = %net.short(), attempts = f.attempts,
+                "network programmed again");
+        }
+    }
+
+    /// The networks whose programming is failing, for `vxnet info`.
+    pub fn network_errors(&self) -> Vec<NetworkError> {
+        let now = tokio::time::Instant::now();
+        let mut out: Vec<NetworkError> = lock(&self.failing)
+            .iter()
+            .map(|(id, f)| NetworkError {
+                network: id.to_string(),
+                error: f.error.clone(),
+                attempts: f.attempts,
+                retry_in_ms: f.retry_at.saturating_duration_since(now).as_millis() as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| a.network.cmp(&b.network));
+        out
+    }
+
+    /// Brings one network on this host in line with what is wanted, reading the kernel
+    /// back: its sandbox (br0, vxlan1) with a veth per local container and an entry per
+    /// remote endpoint when something here is attached to it, no sandbox otherwise. Safe to
+    /// repeat; holds that network's lock only.
+    async fn reconcile_network(&self, net_id: &NetworkId) -> Result<NetworkResync, Error> {
+        let mut out = NetworkResync {
+            network: net_id.to_string(),
+            ..Default::default()
+        };
+        let network = self
+            .view
+            .with(|v| v.networks.get(net_id).map(|s| s.network.clone()));
+        out.name = network.as_ref().map(|n| n.name.clone());
+        let attachments = self.local_attachments().remove(net_id).unwrap_or_default();
+        let plugin = self.plugin_ports().remove(net_id).unwrap_or_default();
+        let slot = self.slot(net_id);
+        let mut programmed = slot.lock().await;
+        // Ours: what the records say, plus what attach has made and its container has not
+        // recorded yet (attach finished, the record is being written).
+        let mut ours: HashSet<String> = programmed
+            .as_ref()
+            .map(|p| p.endpoints.iter().cloned().collect())
+            .unwrap_or_default();
+        ours.extend(attachments.iter().map(|(_, a)| a.host_ifname()));
+        // The plugin's ports are kept as they are: their other ends belong to containers
+        // of another runtime, so there is nothing here to repair them from.
+        ours.extend(plugin.iter().cloned());
+        let net = match network {
+            Some(net) if !ours.is_empty() => net,
+            // Nobody here needs it (the network is gone, or has no local attachment).
+            _ => {
+                *programmed = None;
+                let name = sandbox_name(net_id);
+                if dataplane::list_sandboxes(&self.run_dir).contains(&name) {
+                    dataplane::remove_sandbox(&self.run_dir, &name).await?;
+                    out.sandbox_removed = true;
+                }
+                drop(programmed);
+                drop(slot);
+                self.prune_slot(net_id);
+                return Ok(out);
+            }
+        };
+        // Re-ensure the sandbox itself (repairs br0/vxlan1) even when cached.
+        let spec = self.sandbox_spec(&net).await?;
+        let sandbox = dataplane::ensure_sandbox(&self.host, &self.run_dir, &spec).await?;
+        out.sandbox_ensured = true;
+        for (netns, att) in &attachments {
+            match NetNs::open(netns) {
+                Ok(ns) => {
+                    dataplane::ensure_endpoint(&sandbox, &ns, &Self::endpoint_spec(att)?).await?;
+                    out.endpoints_repaired += 1;
+                }
+                Err(e) => tracing::warn!(netns = %netns.display(), error = %e,
+                    "container namespace missing; its interface cannot be repaired"),
+            }
+        }
+        for link in dataplane::list_endpoint_links(&sandbox).await? {
+            if !ours.contains(&link) {
+                dataplane::remove_endpoint(&sandbox, &link).await?;
+                out.stray_links_removed += 1;
+            }
+        }
+        // Peers from the kernel, not the cache: after a failure half-way the cache is wrong.
+        let want = self.view.with(|v| self.desired_peers(v, net_id));
+        let have: PeerMap = dataplane::list_peers(&sandbox)
+            .await?
+            .into_iter()
+            .map(|p| (p.ip, p))
+            .collect();
+        let plan = PeerPlan::diff(&have, &want);
+        apply_plan(&sandbox, &plan).await?;
+        out.peers_removed = plan.stale.len();
+        out.peers_added = plan.fresh.len();
+        *programmed = Some(Programmed {
+            sandbox: Arc::new(sandbox),
+            peers: want,
+            endpoints: ours.into_iter().collect(),
+        });
+        Ok(out)
+    }
+
+    /// Full resync: reads the kernel back and fixes every difference, network by network
+    /// (a network that fails is reported, and retried alone with backoff), then the gateway
+    /// bridge and the firewall, which are restored whatever any network does. Safe to run
+    /// any time. An error is returned only for the host-wide part (gateway, firewall).
     pub async fn resync(&self) -> Result<ResyncReport, Error> {
         let mut report = ResyncReport::default();
-        let mut state = self.state.lock().await;
-        let mut local = self.local_attachments();
-        let plugin = self.plugin_ports();
-        for net in plugin.keys() {
-            local.entry(net.clone()).or_default();
-        }
-        let networks: HashMap<NetworkId, Network> = self.view.with(|v| {
+        let mut networks: BTreeSet<NetworkId> = self.local_attachments().into_keys().collect();
+        networks.extend(self.plugin_ports().into_keys());
+        networks.extend(self.slots().into_iter().map(|(id, _)| id));
+        // Sandboxes on disk: those of a known network are that network's to keep or remove;
+        // any other is swept.
+        let by_name: HashMap<String, NetworkId> = self.view.with(|v| {
             v.networks
-                .iter()
-                .map(|(id, s)| (id.clone(), s.network.clone()))
+                .keys()
+                .chain(networks.iter())
+                .map(|id| (sandbox_name(id), id.clone()))
                 .collect()
         });
-        // Sandboxes nobody here needs any more (their network is gone or has no local
-        // attachment): remove them.
-        let wanted: HashSet<String> = local
-            .keys()
-            .filter(|id| networks.contains_key(*id))
-            .map(sandbox_name)
-            .collect();
+        let mut sweep_error = None;
         for name in dataplane::list_sandboxes(&self.run_dir) {
-            if !wanted.contains(&name) {
-                dataplane::remove_sandbox(&self.run_dir, &name).await?;
-                report.sandboxes_removed += 1;
-            }
-        }
-        state.retain(|id, _| wanted.contains(&sandbox_name(id)));
-
-        for (net_id, attachments) in &local {
-            let Some(net) = networks.get(net_id) else {
-                continue;
-            };
-            // Re-ensure the sandbox itself (repairs br0/vxlan1) even when cached.
-            let spec = self.sandbox_spec(net).await?;
-            let sandbox = dataplane::ensure_sandbox(&self.host, &self.run_dir, &spec).await?;
-            report.sandboxes += 1;
-            // Ours: what the records say, plus what attach has made and its container has not
-            // recorded yet (attach finished, the record is being written).
-            let mut ours: HashSet<String> = state
-                .get(net_id)
-                .map(|p| p.endpoints.iter().cloned().collect())
-                .unwrap_or_default();
-            for (netns, att) in attachments {
-                ours.insert(att.host_ifname());
-                match NetNs::open(netns) {
-                    Ok(ns) => {
-                        dataplane::ensure_endpoint(&sandbox, &ns, &Self::endpoint_spec(att)?)
-                            .await?;
-                        report.endpoints_repaired += 1;
+            match by_name.get(&name) {
+                Some(id) => {
+                    networks.insert(id.clone());
+                }
+                None => match dataplane::remove_sandbox(&self.run_dir, &name).await {
+                    Ok(()) => report.sandboxes_removed += 1,
+                    Err(e) => {
+                        tracing::warn!(sandbox = %name, error = %e, "cannot remove a stale sandbox");
+                        sweep_error = Some(e);
                     }
-                    Err(e) => tracing::warn!(netns = %netns.display(), error = %e,
-                        "container namespace missing; its interface cannot be repaired"),
-                }
-            }
-            // The plugin's ports are kept as they are: their other ends belong to containers
-            // of another runtime, so there is nothing here to repair them from.
-            ours.extend(plugin.get(net_id).into_iter().flatten().cloned());
-            for link in dataplane::list_endpoint_links(&sandbox).await? {
-                if !ours.contains(&link) {
-                    dataplane::remove_endpoint(&sandbox, &link).await?;
-                    report.stray_links_removed += 1;
-                }
-            }
-            let want = self.view.with(|v| self.desired_peers(v, net_id));
-            let have: PeerMap = dataplane::list_peers(&sandbox)
-                .await?
-                .into_iter()
-                .map(|p| (p.ip, p))
-                .collect();
-            let plan = PeerPlan::diff(&have, &want);
-            apply_plan(&sandbox, &plan).await?;
-            report.peers_removed += plan.stale.len();
-            report.peers_added += plan.fresh.len();
-            state.insert(
-                net_id.clone(),
-                Programmed {
-                    sandbox: Arc::new(sandbox),
-                    peers: want,
-                    endpoints: ours.into_iter().collect(),
                 },
-            );
+            }
         }
-        drop(state);
-        // The gateway bridge: every live container's eth1, and the firewall.
+        for id in &networks {
+            match self.reconcile_network(id).await {
+                Ok(done) => {
+                    self.network_recovered(id);
+                    report.add(done);
+                }
+                Err(e) => {
+                    self.network_failed(id, &e);
+                    report.add(NetworkResync {
+                        network: id.to_string(),
+                        name: self
+                            .view
+                            .with(|v| v.networks.get(id).map(|n| n.network.name.clone())),
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let gateway = self.resync_gateway(&mut report).await;
+        // The firewall goes in even when the gateway bridge could not be repaired: NAT and
+        // published ports must not wait for anything else.
+        let firewall = self.sync_firewall().await;
+        gateway?;
+        report.published_ports = firewall?;
+        if let Some(e) = sweep_error {
+            return Err(e.into());
+        }
+        Ok(report)
+    }
+
+    /// The gateway bridge: every live container's eth1, strays removed.
+    async fn resync_gateway(&self, report: &mut ResyncReport) -> Result<(), Error> {
         let live: Vec<_> = self
             .registry
             .list()
@@ -620,59 +826,87 @@ impl Reconciler {
             .filter(|r| r.gateway_attachment.is_some())
             .collect();
         let bridge = match live.is_empty() {
-            false => Some(self.ensure_gateway_bridge().await?),
+            false => self.ensure_gateway_bridge().await?,
             // No container needs the bridge; if it exists from before, still sweep it.
-            true => *self.gateway_bridge.lock().await,
+            true => match *self.gateway_bridge.lock().await {
+                Some(bridge) => bridge,
+                None => return Ok(()),
+            },
         };
-        if let Some(bridge) = bridge {
-            let mut ours: HashSet<String> = live
-                .iter()
-                .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.host_ifname.clone()))
-                .collect();
-            ours.extend(lock(&self.gateway_endpoints).iter().cloned());
-            for link in dataplane::list_gateway_endpoints(&self.host, bridge).await? {
-                if !ours.contains(&link) {
-                    dataplane::remove_gateway_endpoint(&self.host, &link).await?;
-                    report.stray_links_removed += 1;
-                }
+        let mut ours: HashSet<String> = live
+            .iter()
+            .filter_map(|r| r.gateway_attachment.as_ref().map(|g| g.host_ifname.clone()))
+            .collect();
+        ours.extend(lock(&self.gateway_endpoints).iter().cloned());
+        for link in dataplane::list_gateway_endpoints(&self.host, bridge).await? {
+            if !ours.contains(&link) {
+                dataplane::remove_gateway_endpoint(&self.host, &link).await?;
+                report.stray_links_removed += 1;
             }
         }
-        if let Some(bridge) = bridge {
-            for r in &live {
-                let Some(gw) = &r.gateway_attachment else {
-                    continue;
-                };
-                match NetNs::open(&r.netns) {
-                    Ok(ns) => {
-                        dataplane::ensure_gateway_endpoint(
-                            &self.host,
-                            bridge,
-                            &ns,
-                            &Self::gateway_spec(gw)?,
-                        )
-                        .await?;
-                        report.gateway_endpoints += 1;
-                    }
-                    Err(e) => tracing::warn!(netns = %r.netns.display(), error = %e,
-                        "container namespace missing; its gateway interface cannot be repaired"),
+        for r in &live {
+            let Some(gw) = &r.gateway_attachment else {
+                continue;
+            };
+            match NetNs::open(&r.netns) {
+                Ok(ns) => {
+                    dataplane::ensure_gateway_endpoint(
+                        &self.host,
+                        bridge,
+                        &ns,
+                        &Self::gateway_spec(gw)?,
+                    )
+                    .await?;
+                    report.gateway_endpoints += 1;
                 }
+                Err(e) => tracing::warn!(netns = %r.netns.display(), error = %e,
+                    "container namespace missing; its gateway interface cannot be repaired"),
             }
         }
-        report.published_ports = self.sync_firewall().await?;
-        Ok(report)
+        Ok(())
     }
 
-    /// Follows the view: every new revision brings the peers up to date. A failed sync is
-    /// retried (after a pause) even if no further change arrives. Runs forever.
+    /// Retries every failed network whose pause is over, each with a full reconcile.
+    async fn retry_due(&self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<NetworkId> = lock(&self.failing)
+            .iter()
+            .filter(|(_, f)| f.retry_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            match self.reconcile_network(&id).await {
+                Ok(_) => self.network_recovered(&id),
+                Err(e) => self.network_failed(&id, &e),
+            }
+        }
+    }
+
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        lock(&self.failing).values().map(|f| f.retry_at).min()
+    }
+
+    /// Follows the view: every new revision brings the peers up to date; failed networks
+    /// are retried on their own schedule. Runs forever.
     pub async fn run(self: Arc<Self>) {
         let mut revisions = self.view.subscribe();
         loop {
-            if revisions.changed().await.is_err() {
-                return;
-            }
-            while let Err(e) = self.sync_peers().await {
-                tracing::warn!(error = %e, "programming remote endpoints failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let retry = self.next_retry();
+            tokio::select! {
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.sync_peers().await;
+                }
+                _ = async {
+                    match retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.retry_due().await,
+                // A failure recorded elsewhere: loop to recompute the timer.
+                _ = self.failures_changed.notified() => {}
             }
         }
     }

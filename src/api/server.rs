@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 
-use super::types::{EndpointInfo, ErrorBody, Info, NetworkInspect};
+use super::types::{EndpointInfo, ErrorBody, Info, NetworkInspect, RejectedRecordInfo};
 use crate::cluster::LeaseSource;
 use crate::cluster::{Cluster, EndpointCreate, NetworkCreate};
 use crate::container::record::ContainerRecord;
@@ -156,6 +156,19 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
             networks: view.networks.len(),
             endpoints: view.endpoints.values().map(|e| e.len()).sum(),
             store_error: state.membership.store_error(),
+            rejected_records: view
+                .rejected()
+                .iter()
+                .take(Info::REJECTED_SHOWN)
+                .map(|(key, r)| RejectedRecordInfo {
+                    key: key.clone(),
+                    kind: r.kind.to_string(),
+                    reason: r.reason.to_string(),
+                    mod_revision: r.mod_revision,
+                })
+                .collect(),
+            records_rejected: view.rejections(),
+            network_errors: state.reconciler.network_errors(),
             docker_plugin_calls: state
                 .docker_plugin
                 .as_ref()

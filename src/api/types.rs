@@ -52,9 +52,32 @@ pub struct Info {
     /// the daemon keeps retrying; absent once it gets through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// Records in the store this daemon refused (malformed, contradicting their network or
+    /// another record), with the reason; none of them is programmed. At most
+    /// [`Info::REJECTED_SHOWN`] are listed; `records_rejected` counts every refusal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_records: Vec<RejectedRecordInfo>,
+    #[serde(default)]
+    pub records_rejected: u64,
+    /// Networks whose kernel programming is failing on this host, each retried alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_errors: Vec<crate::reconcile::NetworkError>,
     /// Docker plugin calls served since the daemon started, by call (with `--docker-plugin`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub docker_plugin_calls: std::collections::BTreeMap<String, CallStats>,
+}
+
+impl Info {
+    pub const REJECTED_SHOWN: usize = 100;
+}
+
+/// A refused store record, as `vxnet info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedRecordInfo {
+    pub key: String,
+    pub kind: String,
+    pub reason: String,
+    pub mod_revision: i64,
 }
 
 /// How often a call was served and how long it took (from request to answer, µs).

@@ -143,7 +143,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile => {
             let report = client(&cli.host)?.reconcile().await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(ExitCode::SUCCESS)
+            // Every other network was fixed; the failed ones are retried by the daemon.
+            let mut failed = false;
+            for n in report.failed() {
+                failed = true;
+                eprintln!(
+                    "network {} ({}) not reconciled: {}",
+                    n.name.as_deref().unwrap_or("?"),
+                    n.network,
+                    n.error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Lab(cmd) => lab::run(cmd).await,
     }
@@ -180,6 +195,22 @@ async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode>
             println!("Nodes:           {}", info.nodes.len());
             for n in &info.nodes {
                 println!("  {}  {}  {}", n.id.short(), n.name, n.advertise_addr);
+            }
+            if !info.network_errors.is_empty() {
+                println!("Network errors (each network retried alone):");
+                for e in &info.network_errors {
+                    println!(
+                        "  {}  {} (attempt {}, next in {} ms)",
+                        e.network.get(..12).unwrap_or(&e.network),
+                        e.error,
+                        e.attempts,
+                        e.retry_in_ms
+                    );
+                }
+            }
+            println!("Records rejected: {}", info.records_rejected);
+            for r in &info.rejected_records {
+                println!("  {} ({}): {}", r.key, r.kind, r.reason);
             }
             if !info.docker_plugin_calls.is_empty() {
                 println!("Docker plugin calls (count, average, max):");
