@@ -107,19 +107,17 @@ fn same_id(field: &'static str, body: &Id, key: &Id) -> Result<(), Rejection> {
     })
 }
 
-/// An address another host may be reached at: unicast, routable (not unspecified,
-/// loopback, multicast or broadcast).
+/// An address a host may be reached at: one unicast address (not unspecified, multicast
+/// or broadcast). Loopback is allowed: daemons sharing one machine (the test clusters)
+/// advertise it, and elsewhere it only points traffic back at its sender.
 fn check_vtep(addr: IpAddr) -> Result<(), Rejection> {
     let bad = match addr {
-        IpAddr::V4(a) => {
-            a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast()
-        }
-        IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast(),
+        IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
     };
     if bad {
         return Err(Rejection::Invalid(format!(
-            "advertise address {addr} cannot be a VTEP (unspecified, loopback, multicast or \
-             broadcast)"
+            "advertise address {addr} cannot be a VTEP (unspecified, multicast or broadcast)"
         )));
     }
     Ok(())
