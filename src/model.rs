@@ -285,32 +285,7 @@ pub struct Node {
 
 /// The current time as RFC 3339 UTC with microseconds.
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339_from_unix(now.as_secs() as i64, now.subsec_micros())
-}
-
-fn rfc3339_from_unix(secs: i64, micros: u32) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm), so no date crate is needed for one format.
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
@@ -364,14 +339,15 @@ mod tests {
 
     #[test]
     fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339_from_unix(0, 0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            rfc3339_from_unix(1_795_000_000, 5),
-            "2026-11-18T11:06:40.000005Z"
-        );
-        assert_eq!(
-            rfc3339_from_unix(951_782_400, 0),
-            "2000-02-29T00:00:00.000000Z"
-        );
+        let at = |secs: u64, micros: u64| {
+            humantime::format_rfc3339_micros(
+                std::time::UNIX_EPOCH + std::time::Duration::from_micros(secs * 1_000_000 + micros),
+            )
+            .to_string()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(1_795_000_000, 5), "2026-11-18T11:06:40.000005Z");
+        assert_eq!(at(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(now_rfc3339().len(), "2000-02-29T00:00:00.000000Z".len());
     }
 }

@@ -82,20 +82,20 @@ impl ProcessHandle {
 
 /// The process's start time (clock ticks since boot, field 22 of /proc/PID/stat).
 pub fn start_time(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may hold spaces: parse after the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))?;
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no start time in /proc/PID/stat",
-            )
+    stat(pid).map(|s| s.starttime)
+}
+
+/// `/proc/PID/stat`, parsed by procfs; a missing process is `NotFound`.
+pub fn stat(pid: u32) -> io::Result<procfs::process::Stat> {
+    let pid = i32::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("no PID {pid}")))?;
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .map_err(|e| match e {
+            procfs::ProcError::NotFound(_) => {
+                io::Error::new(io::ErrorKind::NotFound, format!("no process {pid}"))
+            }
+            e => io::Error::other(e.to_string()),
         })
 }
 

@@ -4,7 +4,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -29,21 +29,20 @@ pub struct ProcRecord {
     pub log: PathBuf,
 }
 
-/// A process's start time and state letter, from `/proc/PID/stat` (or an open `/proc/PID`).
-fn parse_stat(text: &str) -> Option<(u64, char)> {
-    // "PID (COMM) STATE PPID …": COMM may hold spaces and parentheses, so split at the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // After the state come ppid … itrealvalue (18 fields), then starttime.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((start, state))
+/// Start time and state from a `/proc/PID/stat` (procfs parses it: the command name may
+/// hold spaces and parentheses).
+fn parse_stat(stat: impl io::Read) -> Option<(u64, char)> {
+    use procfs::FromRead;
+    procfs::process::Stat::from_read(stat)
+        .ok()
+        .map(|s| (s.starttime, s.state))
 }
 
 /// Start time and state of `pid`, or `None` when there is no such process.
 pub fn stat_of(pid: u32) -> Option<(u64, char)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+    crate::container::process::stat(pid)
+        .ok()
+        .map(|s| (s.starttime, s.state))
 }
 
 /// The start time of `pid` (read right after spawning it: fork sets it, exec keeps it).
@@ -202,13 +201,12 @@ impl HostNamespaces {
             )
             .map_err(|e| io::Error::from_raw_os_error(e as i32))
         };
-        let mut stat = String::new();
-        match open("stat") {
-            Ok(fd) => File::from(fd).read_to_string(&mut stat)?,
+        let stat = match open("stat") {
+            Ok(fd) => File::from(fd),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match parse_stat(&stat) {
+        match parse_stat(stat) {
             Some((t, s)) if t == init.start_time && s != 'Z' && s != 'X' => {}
             _ => return Ok(None),
         }
@@ -373,10 +371,13 @@ mod tests {
 
     #[test]
     fn stat_parsing_survives_odd_command_names() {
-        let line =
-            "4242 (a) b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1234 5";
-        assert_eq!(parse_stat(line), Some((987654, 'S')));
-        assert_eq!(parse_stat("garbage"), None);
+        // A whole line as kernel 6.x writes it (52 fields), with a hostile command name.
+        let line = format!(
+            "4242 (a) b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1234 5{}",
+            " 0".repeat(28)
+        );
+        assert_eq!(parse_stat(line.as_bytes()), Some((987654, 'S')));
+        assert_eq!(parse_stat(&b"garbage"[..]), None);
     }
 
     #[test]
