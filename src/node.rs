@@ -160,9 +160,13 @@ async fn keep_membership(
 ) {
     let lease_path = state_dir.join(LEASE_FILE);
     let refresh_every = ttl / 3;
+    // Pauses of 25..50 ms growing to 250..500 ms (view::MAX_BACKOFF), as the watcher's.
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(25), crate::view::MAX_BACKOFF / 2);
     loop {
         let lease = match register(&*store, &keys, &node, ttl, &lease_path).await {
             Ok((lease, revision)) => {
+                backoff.reset();
                 membership
                     .registered_at
                     .store(revision, std::sync::atomic::Ordering::Release);
@@ -171,7 +175,7 @@ async fn keep_membership(
             Err(e) => {
                 membership.set_store_error(Some(&e));
                 tracing::warn!(error = %e, "cannot register this node in the cluster store; retrying");
-                tokio::time::sleep(crate::view::MAX_BACKOFF).await;
+                backoff.wait().await;
                 continue;
             }
         };

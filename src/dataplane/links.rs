@@ -332,8 +332,11 @@ where
     S: Stream<Item = Result<T, rtnetlink::Error>>,
 {
     let deadline = tokio::time::Instant::now() + NETLINK_TIMEOUT;
-    let mut pause = Duration::from_millis(1);
+    // 1..2 ms, growing to 25..50 ms: the kernel's EBUSY passes in milliseconds.
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(1), Duration::from_millis(25));
     loop {
+        let pause = backoff.next_pause();
         match tokio::time::timeout_at(deadline, make().try_collect::<Vec<T>>()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e))
@@ -341,7 +344,6 @@ where
                     && tokio::time::Instant::now() + pause < deadline =>
             {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
             }
             Ok(Err(e)) => return Err(DataplaneError::netlink(action, object(), &e)),
             Err(_) => {
