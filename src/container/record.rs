@@ -56,6 +56,41 @@ pub struct GatewayAttachment {
     pub gateway: Ipv4Addr,
 }
 
+impl ContainerRecord {
+    /// What a record read back from disk must be before it is used (the file may have been
+    /// edited or damaged): named after its ID, with interfaces the kernel can be given.
+    fn check(&self, path: &Path) -> Result<(), String> {
+        if path.file_stem().and_then(|s| s.to_str()) != Some(self.id.as_str()) {
+            return Err(format!(
+                "the record's ID {} is not its file's name",
+                self.id
+            ));
+        }
+        let ifname_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 15
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        for a in &self.attachments {
+            crate::validate::check_mac(a.mac).map_err(|e| e.to_string())?;
+            if a.prefix_len > 32 || !ifname_ok(&a.ifname) {
+                return Err(format!(
+                    "attachment {} of {} is malformed",
+                    a.ifname, a.network_id
+                ));
+            }
+        }
+        if let Some(g) = &self.gateway_attachment {
+            crate::validate::check_mac(g.mac).map_err(|e| e.to_string())?;
+            if g.prefix_len > 32 || !ifname_ok(&g.ifname) || !ifname_ok(&g.host_ifname) {
+                return Err(format!("gateway attachment {} is malformed", g.ifname));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Attachment {
     /// The sandbox-side veth's name: "veth" + 7 characters of the endpoint ID (15 max).
     pub fn host_ifname(&self) -> String {
@@ -122,7 +157,9 @@ impl Registry {
                     .map_err(|e| e.to_string())
                     .and_then(|b| {
                         serde_json::from_slice::<ContainerRecord>(&b).map_err(|e| e.to_string())
-                    }) {
+                    })
+                    .and_then(|r| r.check(&path).map(|()| r))
+                {
                     Ok(r) => {
                         records.insert(r.id.clone(), r);
                     }
@@ -218,5 +255,61 @@ impl Registry {
             (Some(r), None) => Some(r.clone()),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mac: Mac) -> ContainerRecord {
+        let ip = Ipv4Addr::new(10, 0, 4, 2);
+        ContainerRecord {
+            id: Id::random(),
+            name: "c".into(),
+            hostname: "c".into(),
+            command: vec!["true".into()],
+            netns: PathBuf::from("/nonexistent"),
+            created: String::new(),
+            state: ContainerState::Created,
+            attachments: vec![Attachment {
+                network_id: Id::random(),
+                network_name: "n".into(),
+                endpoint_id: Id::random(),
+                ifname: "eth0".into(),
+                ip,
+                prefix_len: 24,
+                mac,
+                gateway: Ipv4Addr::new(10, 0, 4, 1),
+                mtu: 1450,
+                default_route: false,
+            }],
+            auto_remove: false,
+            gateway_attachment: None,
+            ports: Vec::new(),
+            conflicts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn damaged_records_on_disk_are_skipped_and_good_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("vxnet-unit-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = record(Mac::from_ipv4(Ipv4Addr::new(10, 0, 4, 2)));
+        let write = |name: String, r: &ContainerRecord| {
+            std::fs::write(dir.join(name), serde_json::to_vec(r).unwrap()).unwrap()
+        };
+        write(format!("{}.json", good.id), &good);
+        let multicast = record(Mac([1, 0, 0x5e, 0, 0, 1]));
+        write(format!("{}.json", multicast.id), &multicast);
+        // A record under another record's name.
+        let misnamed = record(Mac::from_ipv4(Ipv4Addr::new(10, 0, 4, 3)));
+        write(format!("{}.json", Id::random()), &misnamed);
+        std::fs::write(dir.join("short.json"), br#"{"id":"abc"}"#).unwrap();
+        let registry = Registry::load(&dir).unwrap();
+        let ids: Vec<Id> = registry.list().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![good.id.clone()]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
