@@ -80,10 +80,4 @@ pub struct RejectedRecordInfo {
     pub mod_revision: i64,
 }
 
-/// How often a call was served and how long it took (from request to answer, µs).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallStats {
-    pub count: u64,
-    pub total_us: u64,
-    pub max_us: u64,
-}
+pub use crate::docker::CallStats;

@@ -62,6 +62,17 @@ impl FromStr for Scope {
     }
 }
 
+/// How often a plugin call was served and how long it took (from request to answer, µs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CallStats {
+    pub count: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
+/// The largest request body the plugin socket accepts (Docker's requests are a few KiB).
+pub const MAX_BODY: usize = 64 * 1024;
+
 /// `vxnet daemon --docker-plugin`.
 #[derive(Clone, Debug)]
 pub struct PluginConfig {

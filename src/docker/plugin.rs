@@ -21,8 +21,8 @@ use ipnet::Ipv4Net;
 
 use super::protocol::*;
 use super::state::{EndpointRecord, NetworkBinding, PluginState, Reservation};
+use super::CallStats;
 use super::Scope;
-use crate::api::types::CallStats;
 use crate::cluster::{self, Cluster, EndpointCreate, NetworkCreate, StoredNetwork};
 use crate::dataplane::HandoffSpec;
 use crate::error::Error;

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::plugin::{DockerPlugin, ADDRESS_SPACE};
 use super::protocol::*;
-use crate::api::server::MAX_BODY;
+use super::MAX_BODY;
 use crate::error::Error;
 
 pub fn router(plugin: Arc<DockerPlugin>) -> Router {
