@@ -35,12 +35,16 @@ mod nftables;
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub use nftables::Nftables;
 
 /// The table vxnet owns (family `inet`).
 pub const TABLE: &str = "vxnet";
+/// The named set of member VTEPs in that table.
+pub const VTEP_SET: &str = "vteps";
+/// Docker's gateway bridge: Docker's containers on vxnet networks come in through it.
+pub const DOCKER_BRIDGE: &str = "docker_gwbridge";
 
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const IFNAME_MAX: usize = 15;
@@ -75,6 +79,12 @@ pub struct Ruleset {
     /// The bridge's subnet, e.g. 172.18.0.0/16: its sources are masqueraded leaving the host.
     pub subnet: ipnet::Ipv4Net,
     pub ports: Vec<PortMapping>,
+    /// Every cluster member's VTEP (this host's included): the only sources whose VXLAN
+    /// datagrams this host accepts.
+    pub vteps: Vec<Ipv4Addr>,
+    /// The cluster store's members (client address and port): containers reach neither this
+    /// port nor the peer port after it.
+    pub store: Vec<SocketAddrV4>,
 }
 
 impl Ruleset {
@@ -199,6 +209,8 @@ mod tests {
             bridge: bridge.to_string(),
             subnet: "172.18.0.0/16".parse().unwrap(),
             ports,
+            vteps: vec![],
+            store: vec![],
         }
     }
 
