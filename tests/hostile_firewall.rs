@@ -304,3 +304,40 @@ async fn an_unpublished_port_is_not_routable_from_outside() {
     );
     assert!(!got, "an unpublished port answered from outside");
 }
+
+/// Polls `f` every 100 ms for up to `limit`; panics if it never holds (a bound against
+/// hangs: a node leaves the view only when its lease expires, longer than `wait_until`'s).
+fn wait_long(limit: Duration, mut f: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "condition never held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vtep_set(lab: &TestLab, host: &str) -> String {
+    let out = lab.sh(host, &["nft", "list", "set", "inet", "vxnet", "vteps"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vtep_set_follows_membership() {
+    let lab = TestLab::up(3).await;
+    // No container anywhere: the filter is there from the daemon's start.
+    wait_until(|| {
+        let set = vtep_set(&lab, "vm2");
+        set.contains("192.0.2.6") && set.contains("192.0.2.7")
+    });
+    println!("HOSTILE|VTEP set on vm2 with no container|vm2 and vm3 listed");
+    assert!(lab.lab.stop_daemon("vm3").unwrap());
+    wait_long(Duration::from_secs(120), || {
+        !vtep_set(&lab, "vm2").contains("192.0.2.7")
+    });
+    println!("HOSTILE|vm3's daemon stopped, its lease expired|192.0.2.7 left vm2's set");
+    lab.lab.start_daemon("vm3").await.unwrap();
+    wait_long(Duration::from_secs(60), || {
+        vtep_set(&lab, "vm2").contains("192.0.2.7")
+    });
+    println!("HOSTILE|vm3's daemon started again|192.0.2.7 back in vm2's set");
+    assert!(vtep_set(&lab, "vm2").contains("192.0.2.6"));
+}
