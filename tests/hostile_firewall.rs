@@ -41,12 +41,10 @@ fn create_network(lab: &TestLab, name: &str, subnet: &str, internal: bool) -> u3
     }
     args.push(name);
     let id = lab.vx("vm2", &args).trim().to_string();
-    for h in ["vm3"] {
-        wait_until(|| {
-            lab.vx(h, &["network", "ls", "-q", "--no-trunc"])
-                .contains(&id)
-        });
-    }
+    wait_until(|| {
+        lab.vx("vm3", &["network", "ls", "-q", "--no-trunc"])
+            .contains(&id)
+    });
     let inspect = lab.vx("vm2", &["network", "inspect", name]);
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     v[0]["vni"].as_u64().unwrap() as u32
