@@ -174,6 +174,10 @@ impl Reconciler {
         self
     }
 
+    pub fn store_endpoints(&self) -> &[std::net::SocketAddrV4] {
+        &self.store
+    }
+
     /// The plugin's ports, by network.
     fn plugin_ports(&self) -> HashMap<NetworkId, Vec<String>> {
         let mut out: HashMap<NetworkId, Vec<String>> = HashMap::new();

@@ -339,3 +339,52 @@ async fn the_vtep_set_follows_membership() {
     println!("HOSTILE|vm3's daemon started again|192.0.2.7 back in vm2's set");
     assert!(vtep_set(&lab, "vm2").contains("192.0.2.6"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dangerous_host_ports_are_refused() {
+    let lab = TestLab::up(3).await;
+    create_network(&lab, "d", "10.0.25.0/24", false);
+    let host = lab.lab.host("vm3").unwrap().netns().unwrap();
+    let _taken = host
+        .run(|| std::net::TcpListener::bind("0.0.0.0:8081"))
+        .unwrap();
+    let cases = [
+        (
+            "4789:80/udp",
+            "host port 4789/udp is the VXLAN port of the overlay",
+        ),
+        (
+            "2379:80",
+            "host port 2379/tcp is a cluster store (etcd) client or peer port",
+        ),
+        (
+            "2380:80",
+            "host port 2380/tcp is a cluster store (etcd) client or peer port",
+        ),
+        (
+            "8081:80",
+            "host port 8081/tcp is in use on this host (by another program)",
+        ),
+    ];
+    for (i, (publish, want)) in cases.iter().enumerate() {
+        let name = format!("p{i}");
+        let err = lab.vx_err(
+            "vm3",
+            &[
+                "run", "-d", "--name", &name, "-p", publish, "--net", "d", "--", "sleep", "60",
+            ],
+        );
+        println!("HOSTILE|vxnet run -p {publish}|refused: {}", err.trim());
+        assert!(err.contains(want), "{err}");
+    }
+    let ps = lab.vx("vm3", &["ps", "-a"]);
+    assert!(!ps.contains("p0") && !ps.contains("p3"), "{ps}");
+    // The same port is fine once nothing holds it.
+    drop(_taken);
+    lab.vx(
+        "vm3",
+        &[
+            "run", "-d", "--name", "ok", "-p", "8081:80", "--net", "d", "--", "sleep", "60",
+        ],
+    );
+}
