@@ -106,6 +106,7 @@ pub async fn run(
         .map_err(|_| DaemonError::StateDirLocked(config.state_dir.clone()))?;
 
     let mut etcd = EtcdConfig::from_cluster_store(&config.cluster_store)?;
+    let store_endpoints = store_addresses(&etcd.endpoints);
     etcd.user = config.etcd_user.clone();
     etcd.tls = parse_store_opts(&config.store_opts)?;
     let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd).await?);
@@ -160,7 +161,8 @@ pub async fn run(
             registry.clone(),
             Arc::new(crate::firewall::Nftables),
         )
-        .with_plugin_ports(plugin_state.clone()),
+        .with_plugin_ports(plugin_state.clone())
+        .with_store_endpoints(store_endpoints),
     );
     let containers = ContainerService::new(
         cluster.clone(),
@@ -192,6 +194,7 @@ pub async fn run(
         None => (None, None),
     };
     tokio::spawn(reconciler.clone().run());
+    tokio::spawn(reconciler.clone().follow_members());
     tokio::spawn(start_up_resync(
         view.clone(),
         containers.clone(),
@@ -234,6 +237,21 @@ pub async fn run(
     served.map_err(io_err(&config.socket))?;
     tracing::info!("vxnet daemon stopped");
     Ok(())
+}
+
+/// The store members the firewall keeps containers away from. Only IP literals: resolving a
+/// name here would pin whatever it resolved to at start-up, so a name is skipped (logged).
+fn store_addresses(endpoints: &[String]) -> Vec<std::net::SocketAddrV4> {
+    let mut out = Vec::new();
+    for e in endpoints {
+        match e.parse::<std::net::SocketAddr>() {
+            Ok(std::net::SocketAddr::V4(a)) => out.push(a),
+            _ => tracing::warn!(member = %e,
+                "cluster store member is not an IPv4 literal: the firewall cannot keep \
+                 containers away from it (give --cluster-store as IP:PORT to protect it)"),
+        }
+    }
+    out
 }
 
 /// Once the view has been listed: pick up the containers of a previous run, then make the

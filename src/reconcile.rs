@@ -205,6 +205,8 @@ pub struct Reconciler {
     /// a sync still running then must not put it back.
     firewall_stopped: Arc<Mutex<bool>>,
     plugin_ports: Option<Arc<dyn PluginPorts>>,
+    /// The cluster store's members (IP literals only): no container may reach them.
+    store: Vec<std::net::SocketAddrV4>,
 }
 
 impl Reconciler {
@@ -232,6 +234,7 @@ impl Reconciler {
             firewall,
             firewall_stopped: Arc::new(Mutex::new(false)),
             plugin_ports: None,
+            store: Vec::new(),
         }
     }
 
@@ -239,6 +242,16 @@ impl Reconciler {
     pub fn with_plugin_ports(mut self, ports: Arc<dyn PluginPorts>) -> Self {
         self.plugin_ports = Some(ports);
         self
+    }
+
+    /// The cluster store members that containers must not reach (client port and peer port).
+    pub fn with_store_endpoints(mut self, store: Vec<std::net::SocketAddrV4>) -> Self {
+        self.store = store;
+        self
+    }
+
+    pub fn store_endpoints(&self) -> &[std::net::SocketAddrV4] {
+        &self.store
     }
 
     /// The plugin's ports, by network.
@@ -336,13 +349,67 @@ impl Reconciler {
             bridge: self.gateway.bridge.clone(),
             subnet: self.gateway.subnet,
             ports,
+            vteps: self.vteps(),
+            store: self.store.clone(),
+        }
+    }
+
+    /// Every member's IPv4 VTEP in the view, this host's included, sorted.
+    fn vteps(&self) -> Vec<Ipv4Addr> {
+        let mut vteps: Vec<Ipv4Addr> = self.view.with(|v| {
+            v.nodes
+                .values()
+                .filter_map(|n| match n.advertise_addr {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        });
+        if let IpAddr::V4(me) = self.advertise {
+            vteps.push(me);
+        }
+        vteps.sort();
+        vteps.dedup();
+        vteps
+    }
+
+    /// Keeps the firewall's VTEP set equal to the view's members: re-applies the table when
+    /// that set changes (and once the view is first listed, so that a host with no container
+    /// is protected too). Off the peer-sync path: membership changes are rare, view changes
+    /// are not. Runs forever.
+    pub async fn follow_members(self: Arc<Self>) {
+        let mut revisions = self.view.subscribe();
+        let mut applied: Option<Vec<Ipv4Addr>> = None;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        loop {
+            // Before the first listing the view knows no member: applying then would drop
+            // every other host's VXLAN.
+            if self.view.revision() >= 1 {
+                let vteps = self.vteps();
+                if applied.as_ref() != Some(&vteps) {
+                    match self.sync_firewall().await {
+                        Ok(_) => {
+                            applied = Some(vteps);
+                            backoff.reset();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "applying the firewall failed; retrying");
+                            backoff.wait().await;
+                            continue;
+                        }
+                    }
+                }
+            }
+            if revisions.changed().await.is_err() {
+                return;
+            }
         }
     }
 
     /// Replaces vxnet's nftables table with the desired one (atomic, idempotent). Nothing is
-    /// programmed before the gateway bridge exists: no container here needs NAT yet.
+    /// programmed before the view has been listed (its VTEP set would be incomplete).
     pub async fn sync_firewall(&self) -> Result<usize, Error> {
-        if self.gateway_bridge.lock().await.is_none() {
+        if self.view.revision() < 1 {
             return Ok(0);
         }
         let turn = self.firewall_stopped.clone().lock_owned().await;
@@ -1269,12 +1336,15 @@ mod tests {
                     subnet: "172.18.0.0/16".parse().expect("a subnet"),
                 },
             },
-            SharedView::fixed(ClusterView::default()),
+            // As if listed (revision 1): syncs now write the table.
+            SharedView::fixed({
+                let mut v = ClusterView::default();
+                v.revision = 1;
+                v
+            }),
             registry,
             firewall.clone(),
         ));
-        // As if the gateway bridge had been made: syncs now write the table.
-        *reconciler.gateway_bridge.lock().await = Some(1);
 
         let sync = tokio::spawn({
             let r = reconciler.clone();

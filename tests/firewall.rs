@@ -76,6 +76,8 @@ fn ruleset(bridge: &str, ports: Vec<PortMapping>) -> Ruleset {
         bridge: bridge.to_string(),
         subnet: "172.18.0.0/16".parse().unwrap(),
         ports,
+        vteps: vec![Ipv4Addr::new(192, 0, 2, 5), Ipv4Addr::new(192, 0, 2, 6)],
+        store: vec!["192.0.2.5:2379".parse().unwrap()],
     }
 }
 
@@ -118,6 +120,11 @@ fn apply_installs_the_table_and_replaces_it_whole() {
     println!("{table}");
     let expected = "\
 table inet vxnet {
+	set vteps {
+		type ipv4_addr
+		elements = { 192.0.2.5, 192.0.2.6 }
+	}
+
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		ip saddr 172.18.0.0/16 oifname != \"vxnet_gwbridge\" masquerade
@@ -140,6 +147,23 @@ table inet vxnet {
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		iifname \"vxnet_gwbridge\" oifname \"vxnet_gwbridge\" drop
+		udp dport 4789 drop
+		ip daddr 192.0.2.5 tcp dport 2379 drop
+		ip daddr 192.0.2.5 tcp dport 2380 drop
+		oifname \"vxnet_gwbridge\" ct state established,related accept
+		oifname \"vxnet_gwbridge\" ct status dnat accept
+		oifname \"vxnet_gwbridge\" drop
+	}
+
+	chain input {
+		type filter hook input priority filter; policy accept;
+		udp dport 4789 ip saddr != @vteps counter packets 0 bytes 0 drop
+		iifname \"vxnet_gwbridge\" udp dport 4789 drop
+		iifname \"vxnet_gwbridge\" ip daddr 192.0.2.5 tcp dport 2379 drop
+		iifname \"vxnet_gwbridge\" ip daddr 192.0.2.5 tcp dport 2380 drop
+		iifname \"docker_gwbridge\" udp dport 4789 drop
+		iifname \"docker_gwbridge\" ip daddr 192.0.2.5 tcp dport 2379 drop
+		iifname \"docker_gwbridge\" ip daddr 192.0.2.5 tcp dport 2380 drop
 	}
 }
 ";
@@ -189,7 +213,7 @@ fn remove_without_a_table_and_apply_after_remove() {
     check(apply(&ns, &rs), "apply");
     let table = nft(&ns, "list table inet vxnet");
     assert!(table.contains("oifname != \"br-x\" masquerade"), "{table}");
-    assert!(!table.contains("dnat"), "{table}");
+    assert!(!table.contains("dnat ip to"), "{table}");
     check(remove(&ns), "remove");
     assert_eq!(nft(&ns, "list ruleset"), "");
 }

@@ -365,6 +365,10 @@ impl ContainerService {
             conflicts: vec![],
         };
         record.ports = req.publish.clone();
+        if let Err(e) = check_host_ports(&req.publish, self.reconciler.store_endpoints()).await {
+            self.pool.give_back(ready);
+            return Err(e);
+        }
         let refused = match self.registry.insert_new(record.clone()) {
             Ok(Ok(())) => None,
             Ok(Err(Refused::NameInUse)) => Some(Error::ContainerNameInUse(name)),
@@ -785,4 +789,51 @@ impl ContainerService {
         }
         self.pool.refill();
     }
+}
+
+/// Refuses host ports that would hand a container the tunnel or the control plane (the VXLAN
+/// port, the store's client and peer ports) or that another program already holds: DNAT would
+/// silently steal that program's traffic.
+async fn check_host_ports(
+    publish: &[model::PublishedPort],
+    store: &[std::net::SocketAddrV4],
+) -> Result<(), Error> {
+    use crate::model::Proto;
+    for p in publish {
+        let spec = format!("{}/{}", p.host_port, p.proto);
+        if p.proto == Proto::Udp && p.host_port == crate::reconcile::VXLAN_PORT {
+            return Err(Error::invalid(format!(
+                "host port {spec} is the VXLAN port of the overlay: pick another"
+            )));
+        }
+        if p.proto == Proto::Tcp
+            && store
+                .iter()
+                .any(|s| p.host_port == s.port() || Some(p.host_port) == s.port().checked_add(1))
+        {
+            return Err(Error::invalid(format!(
+                "host port {spec} is a cluster store (etcd) client or peer port: pick another"
+            )));
+        }
+    }
+    let ports: Vec<(Proto, u16)> = publish.iter().map(|p| (p.proto, p.host_port)).collect();
+    // A blocking-pool thread is always in the daemon's own (the host's) namespace.
+    let busy = tokio::task::spawn_blocking(move || {
+        ports.into_iter().find(|&(proto, port)| {
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+            let bound = match proto {
+                Proto::Tcp => std::net::TcpListener::bind(addr).map(drop),
+                Proto::Udp => std::net::UdpSocket::bind(addr).map(drop),
+            };
+            matches!(bound, Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+        })
+    })
+    .await
+    .map_err(|e| Error::io("checking host ports", std::io::Error::other(e.to_string())))?;
+    if let Some((proto, port)) = busy {
+        return Err(Error::invalid(format!(
+            "host port {port}/{proto} is in use on this host (by another program): pick another"
+        )));
+    }
+    Ok(())
 }

@@ -1,11 +1,16 @@
 //! vxnet's host firewall: one nftables table, `inet vxnet`, that vxnet owns and replaces
 //! whole, and nothing anywhere else (no iptables, no other table is read or touched).
 //!
-//! The table gives the gateway bridge (`vxnet_gwbridge`, Docker's `docker_gwbridge`) its NAT
-//! and isolation, as `nft list table inet vxnet` prints it:
+//! The table filters VXLAN to the cluster's member VTEPs, keeps containers off the tunnel
+//! and the cluster store, and gives the gateway bridge (`vxnet_gwbridge`) its NAT and
+//! isolation, as `nft list table inet vxnet` prints it (docs/architecture.md says why):
 //!
 //! ```text
 //! table inet vxnet {
+//!     set vteps {
+//!         type ipv4_addr
+//!         elements = { 192.0.2.6, 192.0.2.7 }
+//!     }
 //!     chain postrouting {
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ip saddr 172.18.0.0/16 oifname != "vxnet_gwbridge" masquerade
@@ -16,11 +21,25 @@
 //!     }
 //!     chain output {
 //!         type nat hook output priority dstnat; policy accept;
-//!         fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
+//!         ip daddr != 127.0.0.0/8 fib daddr type local tcp dport 8080 dnat ip to 172.18.0.2:80
 //!     }
 //!     chain forward {
 //!         type filter hook forward priority filter; policy accept;
 //!         iifname "vxnet_gwbridge" oifname "vxnet_gwbridge" drop
+//!         udp dport 4789 drop
+//!         ip daddr 192.0.2.5 tcp dport 2379 drop
+//!         ip daddr 192.0.2.5 tcp dport 2380 drop
+//!         oifname "vxnet_gwbridge" ct state established,related accept
+//!         oifname "vxnet_gwbridge" ct status dnat accept
+//!         oifname "vxnet_gwbridge" drop
+//!     }
+//!     chain input {
+//!         type filter hook input priority filter; policy accept;
+//!         udp dport 4789 ip saddr != @vteps counter packets 0 bytes 0 drop
+//!         iifname "vxnet_gwbridge" udp dport 4789 drop
+//!         iifname "vxnet_gwbridge" ip daddr 192.0.2.5 tcp dport 2379 drop
+//!         iifname "vxnet_gwbridge" ip daddr 192.0.2.5 tcp dport 2380 drop
+//!         (the same three for "docker_gwbridge")
 //!     }
 //! }
 //! ```
@@ -35,12 +54,16 @@ mod nftables;
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub use nftables::Nftables;
 
 /// The table vxnet owns (family `inet`).
 pub const TABLE: &str = "vxnet";
+/// The named set of member VTEPs in that table.
+pub const VTEP_SET: &str = "vteps";
+/// Docker's gateway bridge: Docker's containers on vxnet networks come in through it.
+pub const DOCKER_BRIDGE: &str = "docker_gwbridge";
 
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const IFNAME_MAX: usize = 15;
@@ -75,6 +98,12 @@ pub struct Ruleset {
     /// The bridge's subnet, e.g. 172.18.0.0/16: its sources are masqueraded leaving the host.
     pub subnet: ipnet::Ipv4Net,
     pub ports: Vec<PortMapping>,
+    /// Every cluster member's VTEP (this host's included): the only sources whose VXLAN
+    /// datagrams this host accepts.
+    pub vteps: Vec<Ipv4Addr>,
+    /// The cluster store's members (client address and port): containers reach neither this
+    /// port nor the peer port after it.
+    pub store: Vec<SocketAddrV4>,
 }
 
 impl Ruleset {
@@ -199,6 +228,8 @@ mod tests {
             bridge: bridge.to_string(),
             subnet: "172.18.0.0/16".parse().unwrap(),
             ports,
+            vteps: vec![],
+            store: vec![],
         }
     }
 

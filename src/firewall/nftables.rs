@@ -7,16 +7,20 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use std::net::Ipv4Addr;
+
 use nftnl::expr::{
-    Bitwise, Cmp, CmpOp, Expression, Immediate, Ipv4HeaderField, Masquerade, Meta, Nat, NatType,
-    NetworkHeaderField, Payload, Register, TcpHeaderField, TransportHeaderField, UdpHeaderField,
-    Verdict,
+    Bitwise, Cmp, CmpOp, Conntrack, ConntrackStatus, Counter, Expression, Immediate,
+    Ipv4HeaderField, Masquerade, Meta, Nat, NatType, NetworkHeaderField, Payload, Register, States,
+    TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
 };
 use nftnl::nftnl_sys as sys;
+use nftnl::set::Set;
 use nftnl::{Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule};
 use nftnl::{NlMsg, Table};
 
-use super::{Firewall, FirewallError, PortMapping, Proto, Ruleset, TABLE};
+use super::{Firewall, FirewallError, PortMapping, Proto, Ruleset, DOCKER_BRIDGE, TABLE, VTEP_SET};
+use crate::reconcile::VXLAN_PORT;
 
 /// nftables' named priorities (`nft` prints these names back).
 const PRIO_DSTNAT: i32 = -100;
@@ -112,6 +116,101 @@ impl Firewall for Nftables {
             MsgType::Add,
             "add the bridge isolation rule in chain forward",
         );
+        // A vxnet host routes no VXLAN and no store traffic for anyone: a container that could
+        // would inject frames into any overlay with this host's (trusted) VTEP address.
+        let r = vxlan_rule(&fwd, None);
+        b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain forward");
+        for (addr, port) in store_ports(ruleset) {
+            let r = store_rule(&fwd, None, addr, port);
+            b.add(
+                &r,
+                MsgType::Add,
+                format!("add the store drop rule for {addr}:{port} in chain forward"),
+            );
+        }
+        // Into the bridge only replies and published ports (DNATed): a route to the gateway
+        // subnet via this host must not reach a container's unpublished ports.
+        let mut r = Rule::new(&fwd);
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Conntrack::State);
+        let est = (States::ESTABLISHED | States::RELATED).bits();
+        r.add_expr(&Bitwise::new(est, 0u32));
+        r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+        r.add_expr(&Verdict::Accept);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the established rule in chain forward",
+        );
+        let mut r = Rule::new(&fwd);
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Conntrack::Status);
+        r.add_expr(&Bitwise::new(ConntrackStatus::DST_NAT.bits(), 0u32));
+        r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+        r.add_expr(&Verdict::Accept);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the published-ports rule in chain forward",
+        );
+        let mut r = Rule::new(&fwd);
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Verdict::Drop);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the bridge ingress drop rule in chain forward",
+        );
+
+        let mut vteps = Set::<Ipv4Addr>::new_named(c"vteps", 1, &table, ProtoFamily::Inet);
+        let mut sorted = ruleset.vteps.clone();
+        sorted.sort();
+        sorted.dedup();
+        for v in &sorted {
+            vteps.add(v);
+        }
+        b.add(&vteps, MsgType::Add, format!("add set {VTEP_SET}"));
+        for elems in vteps.elems_iter() {
+            b.add(
+                &elems,
+                MsgType::Add,
+                format!("add the elements of set {VTEP_SET}"),
+            );
+        }
+
+        let mut input = Chain::new(c"input", &table);
+        input.set_type(ChainType::Filter);
+        input.set_hook(Hook::In, PRIO_FILTER);
+        input.set_policy(Policy::Accept);
+        b.add(&input, MsgType::Add, "add chain input (filter)");
+        // udp dport 4789 ip saddr != @vteps counter drop
+        let mut r = Rule::new(&input);
+        match_ipv4(&mut r);
+        match_dport(&mut r, Proto::Udp, VXLAN_PORT);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Saddr,
+        )));
+        r.add_expr(&LookupNot::new(&vteps));
+        r.add_expr(&Counter);
+        r.add_expr(&Verdict::Drop);
+        b.add(&r, MsgType::Add, "add the VTEP filter rule in chain input");
+        // Nor this host's own VXLAN socket or store member, from a container.
+        for from in [ruleset.bridge.as_str(), DOCKER_BRIDGE] {
+            let from = ifname(from);
+            let r = vxlan_rule(&input, Some(&from));
+            b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain input");
+            for (addr, port) in store_ports(ruleset) {
+                let r = store_rule(&input, Some(&from), addr, port);
+                b.add(
+                    &r,
+                    MsgType::Add,
+                    format!("add the store drop rule for {addr}:{port} in chain input"),
+                );
+            }
+        }
 
         b.send()
     }
@@ -186,6 +285,114 @@ fn dnat_rule<'a>(chain: &'a Chain<'_>, p: &PortMapping, skip_loopback: bool) -> 
         port_register: Some(Register::Reg2),
     });
     r
+}
+
+/// Each store member's client port and, after it, its peer port (etcd's convention:
+/// 2379/2380).
+fn store_ports(ruleset: &Ruleset) -> Vec<(Ipv4Addr, u16)> {
+    let mut out = Vec::new();
+    for s in &ruleset.store {
+        out.push((*s.ip(), s.port()));
+        if let Some(peer) = s.port().checked_add(1) {
+            out.push((*s.ip(), peer));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `meta l4proto <proto> <proto> dport <port>`.
+fn match_dport(r: &mut Rule<'_>, proto: Proto, port: u16) {
+    let (l4, dport) = match proto {
+        Proto::Tcp => (
+            libc::IPPROTO_TCP as u8,
+            TransportHeaderField::Tcp(TcpHeaderField::Dport),
+        ),
+        Proto::Udp => (
+            libc::IPPROTO_UDP as u8,
+            TransportHeaderField::Udp(UdpHeaderField::Dport),
+        ),
+    };
+    r.add_expr(&Meta::L4Proto);
+    r.add_expr(&Cmp::new(CmpOp::Eq, l4));
+    r.add_expr(&Payload::Transport(dport));
+    r.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+}
+
+/// `[iifname <from>] udp dport 4789 drop`.
+fn vxlan_rule<'a>(chain: &'a Chain<'_>, from: Option<&[u8; 16]>) -> Rule<'a> {
+    let mut r = Rule::new(chain);
+    if let Some(from) = from {
+        r.add_expr(&Meta::IifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &from[..]));
+    }
+    match_dport(&mut r, Proto::Udp, VXLAN_PORT);
+    r.add_expr(&Verdict::Drop);
+    r
+}
+
+/// `[iifname <from>] ip daddr <addr> tcp dport <port> drop`.
+fn store_rule<'a>(
+    chain: &'a Chain<'_>,
+    from: Option<&[u8; 16]>,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Rule<'a> {
+    let mut r = Rule::new(chain);
+    if let Some(from) = from {
+        r.add_expr(&Meta::IifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &from[..]));
+    }
+    match_ipv4(&mut r);
+    r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+        Ipv4HeaderField::Daddr,
+    )));
+    r.add_expr(&Cmp::new(CmpOp::Eq, &addr.octets()[..]));
+    match_dport(&mut r, Proto::Tcp, port);
+    r.add_expr(&Verdict::Drop);
+    r
+}
+
+/// `!= @set`: nftnl's `Lookup` cannot invert (its flag is commented out), this one does.
+struct LookupNot {
+    set_name: CString,
+    set_id: u32,
+}
+
+impl LookupNot {
+    fn new<K>(set: &Set<'_, K>) -> Self {
+        LookupNot {
+            set_name: set.get_name().to_owned(),
+            set_id: set.get_id(),
+        }
+    }
+}
+
+impl Expression for LookupNot {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: as for FibDaddrType; the set name is a live NUL-terminated string that
+        // libnftnl copies.
+        unsafe {
+            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(c"lookup".as_ptr())) else {
+                std::process::abort();
+            };
+            let e = expr.as_ptr();
+            sys::nftnl_expr_set_u32(
+                e,
+                sys::NFTNL_EXPR_LOOKUP_SREG as u16,
+                libc::NFT_REG_1 as u32,
+            );
+            sys::nftnl_expr_set_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set_name.as_ptr());
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, self.set_id);
+            sys::nftnl_expr_set_u32(
+                e,
+                sys::NFTNL_EXPR_LOOKUP_FLAGS as u16,
+                libc::NFT_LOOKUP_F_INV as u32,
+            );
+            expr
+        }
+    }
 }
 
 /// `fib daddr type`: the route type of the destination address (local = one of this
