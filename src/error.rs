@@ -55,7 +55,7 @@ pub enum Error {
     SubnetExhausted {
         network: String,
         range: Ipv4Net,
-        capacity: usize,
+        capacity: u64,
     },
     #[error("cluster store busy: {0} did not settle after repeated retries; try again")]
     Contention(String),

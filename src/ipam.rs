@@ -28,12 +28,22 @@ pub struct AddressPool {
     pub range: Ipv4Net,
 }
 
-/// Checks a subnet as given by the user: at most a /30 (two usable addresses besides the
-/// gateway need a /29, but a /30 still holds a gateway and one container), host bits zero.
+/// The shortest prefix a network may have: a /8 already holds 16 million addresses, and
+/// anything that walks a pool (an exhausted search) must stay bounded.
+pub const MIN_PREFIX: u8 = 8;
+/// The longest: a /30 still holds a gateway and one container.
+pub const MAX_PREFIX: u8 = 30;
+
+/// Checks a subnet as given by the user: a prefix in /8../30, host bits zero.
 pub fn validate_subnet(subnet: Ipv4Net) -> Result<(), Error> {
-    if subnet.prefix_len() > 30 {
+    if subnet.prefix_len() > MAX_PREFIX {
         return Err(Error::invalid(format!(
-            "subnet {subnet} is too small: use a prefix of /30 or shorter"
+            "subnet {subnet} is too small: use a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}"
+        )));
+    }
+    if subnet.prefix_len() < MIN_PREFIX {
+        return Err(Error::invalid(format!(
+            "subnet {subnet} is too large: use a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}"
         )));
     }
     if subnet.network() != subnet.addr() {
@@ -119,18 +129,22 @@ impl AddressPool {
         Ok(())
     }
 
-    fn dynamic_candidates(&self) -> impl Iterator<Item = u32> + '_ {
-        let lo = u32::from(self.range.network());
-        let hi = u32::from(self.range.broadcast());
-        (lo..=hi).filter(move |&a| {
-            let ip = Ipv4Addr::from(a);
-            ip != self.gateway && is_host_address(self.subnet, ip)
-        })
-    }
-
-    /// How many addresses dynamic allocation can hand out in all.
-    pub fn dynamic_capacity(&self) -> usize {
-        self.dynamic_candidates().count()
+    /// How many addresses dynamic allocation can hand out in all: the range's size minus the
+    /// reserved addresses (subnet network, broadcast, gateway) that fall inside it. Counted,
+    /// not enumerated, and in u64: a /0 range holds 2^32.
+    pub fn dynamic_capacity(&self) -> u64 {
+        let size = 1u64 << (32 - u32::from(self.range.prefix_len()));
+        let mut reserved: Vec<Ipv4Addr> = vec![self.subnet.network(), self.subnet.broadcast()];
+        if is_host_address(self.subnet, self.gateway) {
+            reserved.push(self.gateway);
+        }
+        reserved.sort_unstable();
+        reserved.dedup();
+        let inside = reserved
+            .iter()
+            .filter(|ip| self.range.contains(*ip))
+            .count() as u64;
+        size.saturating_sub(inside)
     }
 
     /// The next free address after `cursor` (the last one handed out), wrapping around once.
@@ -153,7 +167,7 @@ impl AddressPool {
         let lo = u32::from(self.range.network());
         let hi = u32::from(self.range.broadcast());
         let start = match cursor.map(u32::from) {
-            Some(c) if c >= lo && c < hi => c + 1,
+            Some(c) if c >= lo && c < hi => c.saturating_add(1),
             _ => lo,
         };
         (start..=hi)
@@ -165,8 +179,15 @@ impl AddressPool {
     }
 }
 
+/// The first address after the network address; a /31 or /32 at the top of the address
+/// space has none after it, and gets its own network address rather than an overflow.
 fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+    let net = u32::from(subnet.network());
+    Ipv4Addr::from(if subnet.broadcast() > subnet.network() {
+        net.saturating_add(1)
+    } else {
+        net
+    })
 }
 
 /// Inside the subnet and neither its network nor its broadcast address.
@@ -282,6 +303,64 @@ mod tests {
         assert!(pool.check_requested(ip("10.0.4.1")).is_err());
         assert!(pool.check_requested(ip("10.0.4.0")).is_err());
         assert!(pool.check_requested(ip("10.0.4.255")).is_err());
+    }
+
+    /// The same capacity as counting the addresses one by one (on prefixes small enough to
+    /// count), for every prefix length and several gateway and range placements.
+    fn counted(pool: &AddressPool) -> u64 {
+        let lo = u32::from(pool.range.network());
+        let hi = u32::from(pool.range.broadcast());
+        (lo..=hi)
+            .map(Ipv4Addr::from)
+            .filter(|ip| *ip != pool.gateway && is_host_address(pool.subnet, *ip))
+            .count() as u64
+    }
+
+    #[test]
+    fn prefix_limits_hold_for_every_length() {
+        for bases in [0u32, 0x0a00_0000, 0xffff_ffff] {
+            for len in 0..=32u8 {
+                let subnet = Ipv4Net::new(Ipv4Addr::from(bases), len).unwrap().trunc();
+                let r = AddressPool::new(subnet, None, None);
+                if (MIN_PREFIX..=MAX_PREFIX).contains(&len) {
+                    let pool = r.unwrap();
+                    let size = 1u64 << (32 - len);
+                    assert_eq!(pool.dynamic_capacity(), size - 3, "{subnet}");
+                } else {
+                    let e = r.unwrap_err();
+                    assert!(
+                        e.to_string().contains("between /8 and /30"),
+                        "{subnet}: {e}"
+                    );
+                }
+                // The arithmetic itself never overflows, even on prefixes validation refuses.
+                let _ = first_host(subnet);
+                let _ = is_host_address(subnet, Ipv4Addr::from(bases));
+            }
+        }
+    }
+
+    #[test]
+    fn capacity_matches_counting_for_ranges_and_gateways() {
+        for len in 20..=30u8 {
+            let subnet = Ipv4Net::new(ip("10.1.0.0"), len).unwrap().trunc();
+            for rlen in len..=32 {
+                for range in [
+                    Ipv4Net::new(subnet.network(), rlen).unwrap().trunc(),
+                    Ipv4Net::new(subnet.broadcast(), rlen).unwrap().trunc(),
+                ] {
+                    for gw in [None, Some(u32::from(subnet.broadcast()) - 1)] {
+                        let gw = gw.map(|g: u32| Ipv4Addr::from(g));
+                        let Ok(pool) = AddressPool::new(subnet, gw, Some(range)) else {
+                            continue;
+                        };
+                        assert_eq!(pool.dynamic_capacity(), counted(&pool), "{subnet} {range}");
+                        let cursor = Some(range.broadcast());
+                        let _ = pool.next_free(&HashSet::new(), cursor);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
