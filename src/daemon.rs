@@ -15,12 +15,12 @@ use tokio::net::UnixListener;
 
 use crate::api::server::{router, ApiState};
 use crate::cluster::Cluster;
-use crate::container::record::Registry;
 use crate::container::ContainerService;
 use crate::docker::{DockerPlugin, PluginState};
 use crate::model::{self, Node};
 use crate::node::{load_or_create_node_id, spawn_membership};
 use crate::reconcile::{GatewayConfig, LocalHost, Reconciler};
+use crate::registry::Registry;
 use crate::store::etcd::{parse_store_opts, EtcdConfig, EtcdStore};
 use crate::store::{Keys, Store, StoreError};
 use crate::view::spawn_watcher;

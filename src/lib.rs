@@ -19,6 +19,7 @@ pub mod model;
 pub mod netns;
 pub mod node;
 pub mod reconcile;
+pub mod registry;
 pub mod store;
 pub mod sync;
 pub mod validate;

@@ -76,6 +76,7 @@ fn ruleset(bridge: &str, ports: Vec<PortMapping>) -> Ruleset {
         bridge: bridge.to_string(),
         subnet: "172.18.0.0/16".parse().unwrap(),
         ports,
+        vxlan_port: 4789,
         vteps: vec![Ipv4Addr::new(192, 0, 2, 5), Ipv4Addr::new(192, 0, 2, 6)],
         store: vec!["192.0.2.5:2379".parse().unwrap()],
     }

@@ -12,10 +12,10 @@ use tokio::net::UnixStream;
 
 use super::types::{ErrorBody, Info, NetworkInspect};
 use crate::cluster::{EndpointCreate, NetworkCreate};
-use crate::container::record::ContainerRecord;
 use crate::container::{ConnectRequest, CreateRequest, StartRequest};
 use crate::model::{Endpoint, Network};
 use crate::reconcile::ResyncReport;
+use crate::registry::ContainerRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

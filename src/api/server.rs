@@ -13,12 +13,12 @@ use axum::{Json, Router};
 use super::types::{EndpointInfo, ErrorBody, Info, NetworkInspect, RejectedRecordInfo};
 use crate::cluster::LeaseSource;
 use crate::cluster::{Cluster, EndpointCreate, NetworkCreate};
-use crate::container::record::ContainerRecord;
 use crate::container::{ConnectRequest, ContainerService, CreateRequest, StartRequest};
 use crate::error::{Error, ErrorKind};
 use crate::model::{Network, Node, SCOPE_GLOBAL};
 use crate::node::Membership;
 use crate::reconcile::{Reconciler, ResyncReport};
+use crate::registry::ContainerRecord;
 use crate::view::{ClusterView, SharedView};
 
 /// Request bodies are small JSON documents; anything larger is refused before parsing.

@@ -13,8 +13,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::api::client::Client;
-use crate::container::record::{ContainerRecord, ContainerState};
 use crate::container::CreateRequest;
+use crate::registry::{ContainerRecord, ContainerState};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -9,7 +9,6 @@
 
 pub mod nspool;
 pub mod process;
-pub mod record;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -25,11 +24,13 @@ use crate::error::Error;
 use crate::model::{self, Id, Mac, PublishedPort};
 use crate::netns::NetNs;
 use crate::reconcile::Reconciler;
+use crate::registry::{
+    Attachment, ContainerRecord, ContainerState, GatewayAttachment, Refused, Registry,
+};
 use crate::sync;
 use crate::view::SharedView;
 use nspool::{NamespacePool, Ready};
 use process::ProcessHandle;
-use record::{Attachment, ContainerRecord, ContainerState, GatewayAttachment, Refused, Registry};
 
 /// How long a created container waits for its process before it is cleaned up (the CLI
 /// that created it died before starting the command).

@@ -98,6 +98,8 @@ pub struct Ruleset {
     /// The bridge's subnet, e.g. 172.18.0.0/16: its sources are masqueraded leaving the host.
     pub subnet: ipnet::Ipv4Net,
     pub ports: Vec<PortMapping>,
+    /// The VXLAN UDP port: only members may send to it, no container may.
+    pub vxlan_port: u16,
     /// Every cluster member's VTEP (this host's included): the only sources whose VXLAN
     /// datagrams this host accepts.
     pub vteps: Vec<Ipv4Addr>,
@@ -228,6 +230,7 @@ mod tests {
             bridge: bridge.to_string(),
             subnet: "172.18.0.0/16".parse().unwrap(),
             ports,
+            vxlan_port: 4789,
             vteps: vec![],
             store: vec![],
         }

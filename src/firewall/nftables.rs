@@ -20,7 +20,6 @@ use nftnl::{Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, Prot
 use nftnl::{NlMsg, Table};
 
 use super::{Firewall, FirewallError, PortMapping, Proto, Ruleset, DOCKER_BRIDGE, TABLE, VTEP_SET};
-use crate::reconcile::VXLAN_PORT;
 
 /// nftables' named priorities (`nft` prints these names back).
 const PRIO_DSTNAT: i32 = -100;
@@ -118,7 +117,7 @@ impl Firewall for Nftables {
         );
         // A vxnet host routes no VXLAN and no store traffic for anyone: a container that could
         // would inject frames into any overlay with this host's (trusted) VTEP address.
-        let r = vxlan_rule(&fwd, None);
+        let r = vxlan_rule(&fwd, ruleset.vxlan_port, None);
         b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain forward");
         for (addr, port) in store_ports(ruleset) {
             let r = store_rule(&fwd, None, addr, port);
@@ -189,7 +188,7 @@ impl Firewall for Nftables {
         // udp dport 4789 ip saddr != @vteps counter drop
         let mut r = Rule::new(&input);
         match_ipv4(&mut r);
-        match_dport(&mut r, Proto::Udp, VXLAN_PORT);
+        match_dport(&mut r, Proto::Udp, ruleset.vxlan_port);
         r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
             Ipv4HeaderField::Saddr,
         )));
@@ -200,7 +199,7 @@ impl Firewall for Nftables {
         // Nor this host's own VXLAN socket or store member, from a container.
         for from in [ruleset.bridge.as_str(), DOCKER_BRIDGE] {
             let from = ifname(from);
-            let r = vxlan_rule(&input, Some(&from));
+            let r = vxlan_rule(&input, ruleset.vxlan_port, Some(&from));
             b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain input");
             for (addr, port) in store_ports(ruleset) {
                 let r = store_rule(&input, Some(&from), addr, port);
@@ -320,14 +319,14 @@ fn match_dport(r: &mut Rule<'_>, proto: Proto, port: u16) {
     r.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
 }
 
-/// `[iifname <from>] udp dport 4789 drop`.
-fn vxlan_rule<'a>(chain: &'a Chain<'_>, from: Option<&[u8; 16]>) -> Rule<'a> {
+/// `[iifname <from>] udp dport <port> drop`.
+fn vxlan_rule<'a>(chain: &'a Chain<'_>, port: u16, from: Option<&[u8; 16]>) -> Rule<'a> {
     let mut r = Rule::new(chain);
     if let Some(from) = from {
         r.add_expr(&Meta::IifName);
         r.add_expr(&Cmp::new(CmpOp::Eq, &from[..]));
     }
-    match_dport(&mut r, Proto::Udp, VXLAN_PORT);
+    match_dport(&mut r, Proto::Udp, port);
     r.add_expr(&Verdict::Drop);
     r
 }
