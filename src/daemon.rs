@@ -100,6 +100,13 @@ pub async fn run(
     for dir in [&config.state_dir, &config.run_dir] {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
+    // The state dir holds the node ID, the lease and container records: root's only, and
+    // tightened if an older run or an operator left it looser.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&config.state_dir))?;
+    }
     let lock_path = config.state_dir.join("daemon.lock");
     let lock_file = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)

@@ -83,3 +83,34 @@ async fn foreign_endpoint_delete_is_refused_unless_forced() {
     );
     println!("HOSTILE|foreign_endpoint_delete|refused 409 naming {}, forced delete removed endpoint and address", owner.name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dir_is_0700_and_its_records_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = common::cluster(1).await;
+    // Registered: the node ID and the lease file have been written by now.
+    assert!(c.client(0).info().await.unwrap().registered);
+    let state = c.daemon_spec(0).dir.join("state");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "state dir {}", state.display());
+    let mut records = Vec::new();
+    let mut dirs = vec![state.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n != "daemon.lock") {
+                records.push(p);
+            }
+        }
+    }
+    assert!(!records.is_empty(), "the daemon wrote no record file");
+    for r in &records {
+        assert_eq!(mode(r), 0o600, "{}", r.display());
+    }
+    println!(
+        "HOSTILE|file_modes|state dir 0700, {} record file(s) 0600",
+        records.len()
+    );
+}
