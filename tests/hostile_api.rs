@@ -109,8 +109,10 @@ async fn state_dir_is_0700_and_its_records_0600() {
     for r in &records {
         assert_eq!(mode(r), 0o600, "{}", r.display());
     }
+    let socket = c.daemon_spec(0).dir.join("run/vxnet.sock");
+    assert_eq!(mode(&socket), 0o660, "API socket {}", socket.display());
     println!(
-        "HOSTILE|file_modes|state dir 0700, {} record file(s) 0600",
+        "HOSTILE|file_modes|state dir 0700, {} record file(s) 0600, API socket 0660",
         records.len()
     );
 }
