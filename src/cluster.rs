@@ -883,6 +883,17 @@ impl Cluster {
         net: &NetworkId,
         id: &model::EndpointId,
     ) -> Result<Written<Endpoint>, Error> {
+        self.delete_endpoint_of(net, id, None).await
+    }
+
+    /// Deletes an endpoint only if `owner` (when given) holds it; the mod-revision compare
+    /// makes the ownership check and the delete one transaction.
+    pub async fn delete_endpoint_of(
+        &self,
+        net: &NetworkId,
+        id: &model::EndpointId,
+        owner: Option<&model::NodeId>,
+    ) -> Result<Written<Endpoint>, Error> {
         let key = self.keys.endpoint(net, id);
         for _ in 0..MAX_ATTEMPTS {
             let kv = self
@@ -891,6 +902,12 @@ impl Cluster {
                 .await?
                 .ok_or_else(|| Error::EndpointNotFound(id.to_string()))?;
             let endpoint: Endpoint = parse_json(&kv)?;
+            if owner.is_some_and(|o| *o != endpoint.node_id) {
+                return Err(Error::ForeignEndpoint {
+                    endpoint: id.to_string(),
+                    owner: endpoint.node_id.to_string(),
+                });
+            }
             let outcome = self
                 .store
                 .txn(

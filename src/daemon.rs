@@ -100,6 +100,13 @@ pub async fn run(
     for dir in [&config.state_dir, &config.run_dir] {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
+    // The state dir holds the node ID, the lease and container records: root's only, and
+    // tightened if an older run or an operator left it looser.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&config.state_dir))?;
+    }
     let lock_path = config.state_dir.join("daemon.lock");
     let lock_file = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
@@ -324,21 +331,36 @@ async fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, D
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(DaemonError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(io_err(path))?;
+    // A stale socket of a crashed daemon is replaced by the rename below; a live one is not.
+    if path.exists() && tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(DaemonError::SocketInUse(path.to_path_buf()));
     }
-    let listener = UnixListener::bind(path).map_err(io_err(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(path))?;
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(gid)).map_err(|e| {
-            DaemonError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::from_raw_os_error(e as i32),
-            }
-        })?;
+    // Bound under a temporary name and renamed into place once its mode and group are set:
+    // the final path never exists with the umask's looser mode, not even briefly.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&tmp).map_err(io_err(&tmp))?;
+    let placed = (|| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+            .map_err(io_err(&tmp))?;
+        if let Some(gid) = gid {
+            nix::unistd::chown(&tmp, Some(nix::unistd::Uid::from_raw(0)), Some(gid)).map_err(
+                |e| DaemonError::Io {
+                    path: tmp.clone(),
+                    source: std::io::Error::from_raw_os_error(e as i32),
+                },
+            )?;
+        }
+        std::fs::rename(&tmp, path).map_err(io_err(path))
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     Ok(listener)
 }

@@ -25,6 +25,10 @@ pub enum Error {
     AmbiguousNetwork(String),
     #[error("endpoint {0} not found")]
     EndpointNotFound(String),
+    #[error(
+        "endpoint {endpoint} belongs to host {owner}: disconnect it on that host, or delete it with ?force=true (the other host's container loses its address claim)"
+    )]
+    ForeignEndpoint { endpoint: String, owner: String },
     #[error("network with name {0} already exists")]
     NetworkNameInUse(String),
     #[error(
@@ -135,6 +139,7 @@ impl Error {
             | Error::ContainerNameInUse(_)
             | Error::ContainerNotRunning(_)
             | Error::ContainerRunning(_)
+            | Error::ForeignEndpoint { .. }
             | Error::AlreadyConnected { .. }
             | Error::PortInUse { .. }
             | Error::NotConnected { .. } => ErrorKind::Conflict,

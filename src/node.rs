@@ -56,9 +56,22 @@ pub fn write_replacing(path: &Path, content: &[u8]) -> io::Result<()> {
 }
 
 fn write_via_temporary(path: &Path, content: &[u8], fsync: bool) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // The mode only applies when the file is created: a leftover temporary of a crashed run
+    // may be looser, so it goes first.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
-        let mut f = fs::File::create(&tmp)?;
+        // Records name containers, addresses and the node's lease: readable by root only,
+        // from the first byte on.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(content)?;
         if fsync {
             f.sync_all()?;

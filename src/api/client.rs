@@ -186,12 +186,23 @@ impl Client {
     }
 
     pub async fn endpoint_delete(&self, network: &str, endpoint: &str) -> Result<(), ClientError> {
+        self.endpoint_delete_opts(network, endpoint, false).await
+    }
+
+    /// With `force`, deletes another host's endpoint too (see docs/api.md).
+    pub async fn endpoint_delete_opts(
+        &self,
+        network: &str,
+        endpoint: &str,
+        force: bool,
+    ) -> Result<(), ClientError> {
         self.call(
             Method::DELETE,
             &format!(
-                "/v1/networks/{}/endpoints/{}",
+                "/v1/networks/{}/endpoints/{}{}",
                 escape(network),
-                escape(endpoint)
+                escape(endpoint),
+                if force { "?force=true" } else { "" }
             ),
             None::<&()>,
         )

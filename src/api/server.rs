@@ -267,15 +267,34 @@ async fn create_endpoint(
 async fn delete_endpoint(
     State(state): State<AppState>,
     Path((reference, endpoint)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<RemoveQuery>,
 ) -> ApiResult<StatusCode> {
     let network = state
         .view
         .with(|v| v.resolve_network(&reference).cloned())?;
     let id = view_endpoint_id(&state, &network.network.id, &endpoint)?;
-    let written = state
+    // Another host's endpoint is its daemon's to release; force is the operator's override.
+    let owner = (!q.force.unwrap_or(false)).then_some(&state.node.id);
+    let written = match state
         .cluster
-        .delete_endpoint(&network.network.id, &id)
-        .await?;
+        .delete_endpoint_of(&network.network.id, &id, owner)
+        .await
+    {
+        Err(Error::ForeignEndpoint { endpoint, owner }) => {
+            let named = state.view.with(|v| {
+                v.nodes
+                    .values()
+                    .find(|n| n.id.to_string() == owner)
+                    .map(|n| format!("{} ({owner})", n.name))
+            });
+            return Err(Error::ForeignEndpoint {
+                endpoint,
+                owner: named.unwrap_or(owner),
+            }
+            .into());
+        }
+        r => r?,
+    };
     state
         .view
         .wait_for(written.revision, READ_YOUR_WRITES)
