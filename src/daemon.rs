@@ -206,7 +206,6 @@ pub async fn run(
         view.clone(),
         containers.clone(),
         reconciler.clone(),
-        node.started.clone(),
         membership.clone(),
         plugin_state.clone(),
         plugin.clone(),
@@ -267,14 +266,13 @@ async fn start_up_resync(
     view: crate::view::SharedView,
     containers: Arc<ContainerService>,
     reconciler: Arc<Reconciler>,
-    started: String,
     membership: Arc<crate::node::Membership>,
     plugin_state: Arc<PluginState>,
     plugin: Option<Arc<DockerPlugin>>,
 ) {
     while !view.wait_for(1, Duration::from_secs(3600)).await {}
     containers
-        .recover(&started, &DockerPlugin::owned_endpoints(&plugin_state))
+        .recover(&DockerPlugin::owned_endpoints(&plugin_state))
         .await;
     // From now on, every new lease (the first, and any after an expiry) re-claims this host's
     // endpoints under it.

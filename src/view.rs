@@ -413,6 +413,9 @@ impl ClusterView {
 pub struct SharedView {
     inner: Arc<RwLock<ClusterView>>,
     revision: watch::Receiver<i64>,
+    /// The revision of this run's first listing of the store: every record this run
+    /// writes comes after it, every record an earlier run wrote is at or before it.
+    first_listed: Arc<std::sync::OnceLock<i64>>,
 }
 
 impl SharedView {
@@ -426,6 +429,11 @@ impl SharedView {
 
     pub fn revision(&self) -> i64 {
         *self.revision.borrow()
+    }
+
+    /// The revision of this run's first listing (none before it).
+    pub fn first_listed(&self) -> Option<i64> {
+        self.first_listed.get().copied()
     }
 
     /// Waits until the view has applied `revision` (read-your-writes for this daemon's own
@@ -458,6 +466,7 @@ impl SharedView {
         SharedView {
             inner: Arc::new(RwLock::new(view)),
             revision: watch::channel(revision).1,
+            first_listed: Arc::new(std::sync::OnceLock::from(revision)),
         }
     }
 }
@@ -466,11 +475,13 @@ impl SharedView {
 pub fn spawn_watcher(store: Arc<dyn Store>, keys: Keys) -> SharedView {
     let inner = Arc::new(RwLock::new(ClusterView::default()));
     let (tx, rx) = watch::channel(0i64);
+    let first_listed = Arc::new(std::sync::OnceLock::new());
     let view = SharedView {
         inner: inner.clone(),
         revision: rx,
+        first_listed: first_listed.clone(),
     };
-    tokio::spawn(run_watcher(store, keys, inner, tx));
+    tokio::spawn(run_watcher(store, keys, inner, tx, first_listed));
     view
 }
 
@@ -479,6 +490,7 @@ async fn run_watcher(
     keys: Keys,
     view: Arc<RwLock<ClusterView>>,
     revision: watch::Sender<i64>,
+    first_listed: Arc<std::sync::OnceLock<i64>>,
 ) {
     // Jitter adds up to as much again: pauses of 25..50 ms growing to 250..500 ms.
     let mut backoff = Backoff::new(Duration::from_millis(25), MAX_BACKOFF / 2);
@@ -492,6 +504,8 @@ async fn run_watcher(
                     if let Ok(mut v) = view.write() {
                         *v = fresh;
                     }
+                    // Set before the revision is announced, so a reader woken by it sees it.
+                    let _ = first_listed.set(rev);
                     revision.send_replace(rev);
                     need_list = false;
                     backoff.reset();

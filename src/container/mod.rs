@@ -744,7 +744,6 @@ impl ContainerService {
     /// endpoint API have no local owner, so they are released when their daemon restarts.)
     pub async fn recover(
         self: &Arc<Self>,
-        started: &str,
         also_owned: &std::collections::HashSet<model::EndpointId>,
     ) {
         for record in self.registry.list() {
@@ -767,17 +766,28 @@ impl ContainerService {
             .flat_map(|r| r.attachments.iter().map(|a| a.endpoint_id.clone()))
             .chain(also_owned.iter().cloned())
             .collect();
-        let me = self.cluster.node_id().clone();
-        let orphans: Vec<(model::NetworkId, model::EndpointId)> = self.view.with(|v| {
-            v.endpoints
-                .values()
-                .flat_map(|eps| eps.values())
-                // RFC 3339 UTC strings of one format compare in time order.
-                .filter(|e| e.node_id == me && e.created.as_str() < started)
-                .filter(|e| !owned.contains(&e.id))
-                .map(|e| (e.network_id.clone(), e.id.clone()))
-                .collect()
-        });
+        // Orphans are this node's endpoints that an earlier run wrote (at or before this
+        // run's first listing: store revisions, not clocks, which may jump) and that no
+        // container here owns. Read from the store for their revisions.
+        let orphans = match self.view.first_listed() {
+            Some(start) => {
+                let keys = self.cluster.keys().clone();
+                match self.cluster.store().list(&keys.all_endpoints()).await {
+                    Ok(listing) => orphaned_endpoints(
+                        &keys,
+                        &listing.kvs,
+                        self.cluster.node_id(),
+                        start,
+                        &owned,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list endpoints to release orphans; they stay until the next start");
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
         for (net, ep) in orphans {
             match self.cluster.delete_endpoint(&net, &ep).await {
                 Ok(w) => tracing::info!(endpoint = %ep.short(), ip = %w.value.ip,
@@ -790,6 +800,34 @@ impl ContainerService {
         }
         self.pool.refill();
     }
+}
+
+/// This node's endpoints that were written at or before `start` (the revision of this run's
+/// first listing) and that no container here owns.
+fn orphaned_endpoints(
+    keys: &crate::store::Keys,
+    kvs: &[crate::store::KeyValue],
+    me: &model::NodeId,
+    start: i64,
+    owned: &std::collections::HashSet<model::EndpointId>,
+) -> Vec<(model::NetworkId, model::EndpointId)> {
+    use crate::store::keys::KeyKind;
+    kvs.iter()
+        .filter(|kv| kv.create_revision <= start)
+        .filter_map(|kv| match keys.classify(&kv.key) {
+            KeyKind::Endpoint(net, id) => Some((net, id, kv)),
+            _ => None,
+        })
+        .filter(|(_, id, _)| !owned.contains(id))
+        .filter(|(_, _, kv)| {
+            crate::validate::parse::<model::Endpoint>(
+                crate::validate::RecordKind::Endpoint,
+                &kv.value,
+            )
+            .is_ok_and(|e| &e.node_id == me)
+        })
+        .map(|(net, id, _)| (net, id))
+        .collect()
 }
 
 /// Refuses host ports that would hand a container the tunnel or the control plane (the VXLAN
@@ -837,4 +875,56 @@ async fn check_host_ports(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod orphan_tests {
+    use super::*;
+    use crate::model::{Endpoint, Id, Mac};
+    use crate::store::{KeyValue, Keys};
+
+    fn kv(keys: &Keys, node: &Id, created: &str, create_revision: i64) -> (Id, KeyValue) {
+        let ip = std::net::Ipv4Addr::new(10, 0, 4, 2);
+        let ep = Endpoint {
+            id: Id::random(),
+            network_id: Id::random(),
+            name: "e".into(),
+            node_id: node.clone(),
+            ip,
+            mac: Mac::from_ipv4(ip),
+            created: created.into(),
+        };
+        let kv = KeyValue {
+            key: keys.endpoint(&ep.network_id, &ep.id),
+            value: serde_json::to_vec(&ep).unwrap_or_default(),
+            create_revision,
+            mod_revision: create_revision,
+            lease: 0,
+        };
+        (ep.id, kv)
+    }
+
+    /// Ownership goes by store revision: a record written after this run's first listing is
+    /// this run's, whatever its timestamp says (a clock that jumped back), and one written
+    /// before is an earlier run's, whatever the clock says now.
+    #[test]
+    fn orphans_are_told_by_revision_not_by_clock() {
+        let keys = Keys::new("/t/");
+        let me = Id::random();
+        let other = Id::random();
+        let (old, old_kv) = kv(&keys, &me, "2999-01-01T00:00:00.000000Z", 5);
+        let (new, new_kv) = kv(&keys, &me, "1970-01-01T00:00:00.000000Z", 11);
+        let (owned, owned_kv) = kv(&keys, &me, "", 3);
+        let (_, foreign_kv) = kv(&keys, &other, "", 4);
+        let found = orphaned_endpoints(
+            &keys,
+            &[old_kv, new_kv, owned_kv, foreign_kv],
+            &me,
+            10,
+            &std::collections::HashSet::from([owned]),
+        );
+        let ids: Vec<Id> = found.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(ids, vec![old]);
+        assert!(!ids.contains(&new));
+    }
 }

@@ -79,6 +79,10 @@ impl Keys {
     pub fn vni(&self, vni: u32) -> String {
         format!("{}vnis/{vni}", self.prefix)
     }
+    /// Every network's endpoints.
+    pub fn all_endpoints(&self) -> String {
+        format!("{}endpoints/", self.prefix)
+    }
     pub fn endpoints(&self, net: &NetworkId) -> String {
         format!("{}endpoints/{net}/", self.prefix)
     }
