@@ -41,6 +41,10 @@ pub enum LabCommand {
         /// started with --cluster-store (`vxnet lab docker --cluster-store`).
         #[arg(long, default_value = "local")]
         docker_scope: crate::docker::Scope,
+        /// The production setting: etcd over TLS with client certificates and etcd's auth
+        /// on (a PKI of the lab's own under its directory, user `vxnet` limited to /vxnet/).
+        #[arg(long)]
+        secure_store: bool,
     },
     /// Stop a lab's processes and remove its namespaces and files (safe to repeat).
     Down {
@@ -133,7 +137,18 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             underlay,
             etcd_members,
             docker_scope,
-        } => up(hosts, name.name, underlay, etcd_members, docker_scope).await,
+            secure_store,
+        } => {
+            up(
+                hosts,
+                name.name,
+                underlay,
+                etcd_members,
+                docker_scope,
+                secure_store,
+            )
+            .await
+        }
         LabCommand::Down { name } => down(&name.name),
         LabCommand::Status { name, format } => status(&name.name, format.as_deref()),
         LabCommand::Exec {
@@ -158,12 +173,14 @@ async fn up(
     underlay: Ipv4Net,
     etcd_members: usize,
     docker_scope: crate::docker::Scope,
+    secure_store: bool,
 ) -> anyhow::Result<ExitCode> {
     let binary = std::env::current_exe().context("cannot find the vxnet binary itself")?;
     let opts = LabOptions {
         hosts,
         etcd_members,
         docker_scope,
+        secure_store,
         underlay: underlay.trunc(),
         ..LabOptions::new(&name, binary)
     };
@@ -230,6 +247,11 @@ fn print_hosts(lab: &Lab) -> bool {
 
 async fn docker(name: &str, cluster_store: bool, hosts: Vec<String>) -> anyhow::Result<ExitCode> {
     let lab = Lab::open(name)?;
+    if cluster_store && lab.state().secure_store.is_some() {
+        anyhow::bail!(
+            "lab {name} was started with --secure-store, but Docker 20.10's legacy cluster store speaks etcd's v2 API, which cannot log in to a TLS + client-certificate + auth etcd: use `vxnet lab docker` without --cluster-store (local-scope engines), or a lab without --secure-store"
+        );
+    }
     let hosts = if hosts.is_empty() {
         lab.hosts()
             .iter()
@@ -320,12 +342,17 @@ fn status(name: &str, format: Option<&str>) -> anyhow::Result<ExitCode> {
         Some(other) => anyhow::bail!("unknown --format {other:?}: use json"),
         None => {
             println!(
-                "lab {} ({}): {} hosts on {}, etcd at {}",
+                "lab {} ({}): {} hosts on {}, etcd at {}{}",
                 lab.name(),
                 lab.dir().display(),
                 lab.hosts().len(),
                 lab.underlay(),
-                lab.cluster_store()
+                lab.cluster_store(),
+                if lab.state().secure_store.is_some() {
+                    " (store: TLS with client certificates + etcd auth, user vxnet)"
+                } else {
+                    " (store: plain HTTP, no auth)"
+                }
             );
             print_hosts(&lab)
         }

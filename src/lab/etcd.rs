@@ -275,21 +275,69 @@ impl EtcdServer {
     /// Turns etcd's auth on with user `root` and `password` (root may do anything); etcdctl
     /// authenticates as root from then on.
     pub fn enable_auth(&mut self, ns: &NetNs, password: &str) -> Result<(), LabError> {
-        let root = format!("root:{password}");
-        for args in [&["user", "add", root.as_str()][..], &["auth", "enable"][..]] {
-            let out = self.etcdctl(ns, args)?;
-            if !out.status.success() {
-                return Err(LabError::ProcessFailed {
-                    what: format!("etcdctl {}", args[..2].join(" ")),
-                    detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-                });
-            }
-        }
-        self.etcdctl_user = Some(root);
+        enable_auth(|args| self.etcdctl(ns, args), password, &[])?;
+        self.etcdctl_user = Some(format!("root:{password}"));
         Ok(())
     }
 
     pub fn stop(&mut self) {
         self.process.stop(Duration::from_secs(5));
     }
+}
+
+/// A user that may read and write one key prefix only.
+#[derive(Clone, Debug)]
+pub struct PrefixUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    pub prefix: &'a str,
+}
+
+/// Turns etcd's auth on through `etcdctl` (which runs etcdctl with these arguments, as
+/// root-less client before and as whoever it likes after): user `root` with `root_password`,
+/// then each of `users` with a role of its own granting read and write on its prefix only.
+/// The users are made before `auth enable`, as etcd takes anonymous requests until then.
+pub fn enable_auth(
+    mut etcdctl: impl FnMut(&[&str]) -> Result<Output, LabError>,
+    root_password: &str,
+    users: &[PrefixUser<'_>],
+) -> Result<(), LabError> {
+    let root = format!("root:{root_password}");
+    let mut steps: Vec<Vec<String>> = vec![vec!["user".into(), "add".into(), root]];
+    for u in users {
+        let role = u.name.to_string();
+        steps.push(vec!["role".into(), "add".into(), role.clone()]);
+        steps.push(vec![
+            "role".into(),
+            "grant-permission".into(),
+            role.clone(),
+            "readwrite".into(),
+            u.prefix.into(),
+            "--prefix=true".into(),
+        ]);
+        steps.push(vec![
+            "user".into(),
+            "add".into(),
+            format!("{}:{}", u.name, u.password),
+        ]);
+        steps.push(vec![
+            "user".into(),
+            "grant-role".into(),
+            u.name.into(),
+            role,
+        ]);
+    }
+    steps.push(vec!["auth".into(), "enable".into()]);
+    for step in &steps {
+        let args: Vec<&str> = step.iter().map(String::as_str).collect();
+        let out = etcdctl(&args)?;
+        if !out.status.success() {
+            return Err(LabError::ProcessFailed {
+                // The third word may be a password: only the subcommand is named.
+                what: format!("etcdctl {}", args[..2].join(" ")),
+                detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    Ok(())
 }

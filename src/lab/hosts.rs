@@ -36,7 +36,7 @@ use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use super::etcd::{find_program, Member, CLIENT_PORT, PEER_PORT};
+use super::etcd::{find_program, EtcdServerTls, Member, PrefixUser, CLIENT_PORT, PEER_PORT};
 use super::host_init::READY;
 use super::sys::{self, HostNamespaces, ProcRecord};
 use super::{require_root, LabError};
@@ -106,6 +106,10 @@ pub struct LabOptions {
     /// The daemons serve Docker's plugin protocols (at the host's
     /// /run/docker/plugins/vxnet.sock) for engines of this kind.
     pub docker_scope: crate::docker::Scope,
+    /// The production setting: etcd serves clients over TLS with client certificates
+    /// (`--client-cert-auth`) and etcd's auth on; each daemon presents its host's certificate
+    /// and logs in as user `vxnet`, which may touch only the store prefix.
+    pub secure_store: bool,
 }
 
 impl LabOptions {
@@ -120,6 +124,7 @@ impl LabOptions {
             ready_timeout: Duration::from_secs(30),
             etcd_members: 1,
             docker_scope: crate::docker::Scope::Local,
+            secure_store: false,
         }
     }
 
@@ -159,6 +164,19 @@ impl LabOptions {
                     "private directory {s:?}: give an absolute path without `..` or `=`, \
                      not / and not under /run (each host's /run is already private)"
                 )));
+            }
+        }
+        if self.secure_store {
+            for needed in [VM1_PKI, DAEMON_PKI] {
+                if !self
+                    .private_dirs
+                    .iter()
+                    .any(|d| Path::new(needed).starts_with(d))
+                {
+                    return Err(LabError::InvalidOption(format!(
+                        "--secure-store puts each host's certificates in {needed}, which is not one of the hosts' private directories: keep the default ones"
+                    )));
+                }
             }
         }
         Ok(())
@@ -211,6 +229,92 @@ pub struct LabState {
     /// lab recorded before members were configurable, meaning one member on 2379.
     #[serde(default)]
     pub etcd_ports: Vec<u16>,
+    /// Set by `lab up --secure-store`: where the lab's PKI and passwords are.
+    #[serde(default)]
+    pub secure_store: Option<SecureStore>,
+}
+
+/// What a `--secure-store` lab needs after `lab up` (restarting a daemon needs its password,
+/// which is kept out of argv and so out of the recorded command line).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecureStore {
+    /// The lab's PKI (`pki/` in the lab dir, 0700): the CA, etcd's and each host's
+    /// certificate, `root.password` and `vxnet.password` (0600).
+    pub pki_dir: PathBuf,
+    /// The etcd user the daemons log in as.
+    pub user: String,
+}
+
+/// The store prefix the lab's daemons use (the daemon's default) and the `vxnet` user's
+/// only permission.
+const SECURE_PREFIX: &str = crate::store::keys::DEFAULT_PREFIX;
+/// Where a host sees its certificates (inside a private dir of the host: the lab dir under
+/// the machine's /run is hidden by each host's own /run).
+const VM1_PKI: &str = "/var/lib/etcd/pki";
+const DAEMON_PKI: &str = "/var/lib/vxnet/pki";
+/// In a secure lab, member K answers `/health` in plain HTTP on 127.0.0.1:2381 + K·100 only
+/// (etcd's metrics listener): the client port wants a client certificate.
+const METRICS_PORT_OFFSET: u16 = 2;
+
+impl SecureStore {
+    /// `USER:PASSWORD` for `VXNET_ETCD_USER`.
+    pub fn credentials(&self) -> Result<String, LabError> {
+        let path = self.pki_dir.join(format!("{}.password", self.user));
+        let pw = std::fs::read_to_string(&path).map_err(|e| LabError::io(&path, e))?;
+        Ok(format!("{}:{}", self.user, pw.trim()))
+    }
+
+    /// The `--cluster-store-opt` arguments of a daemon (paths as seen inside its host).
+    pub fn daemon_args(host: &str) -> Vec<String> {
+        vec![
+            "--cluster-store-opt".into(),
+            format!("kv.cacertfile={DAEMON_PKI}/ca.pem"),
+            "--cluster-store-opt".into(),
+            format!("kv.certfile={DAEMON_PKI}/{host}.pem"),
+            "--cluster-store-opt".into(),
+            format!("kv.keyfile={DAEMON_PKI}/{host}-key.pem"),
+        ]
+    }
+
+    /// etcdctl's TLS arguments on vm1 (its own client certificate, CN `etcdctl`).
+    pub fn vm1_etcdctl_args() -> Vec<String> {
+        vec![
+            "--cacert".into(),
+            format!("{VM1_PKI}/ca.pem"),
+            "--cert".into(),
+            format!("{VM1_PKI}/etcdctl.pem"),
+            "--key".into(),
+            format!("{VM1_PKI}/etcdctl-key.pem"),
+        ]
+    }
+}
+
+fn random_password() -> String {
+    (0..24)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn pki_err(e: super::pki::PkiError) -> LabError {
+    LabError::ProcessFailed {
+        what: "making the lab's PKI".into(),
+        detail: e.to_string(),
+    }
+}
+
+/// Copies `files` (by name) from the PKI dir into `dest` (made 0700), keeping modes.
+fn install_pki(pki: &Path, dest: &Path, files: &[String]) -> Result<(), LabError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dest)
+        .map_err(|e| LabError::io(dest, e))?;
+    for f in files {
+        let to = dest.join(f);
+        std::fs::copy(pki.join(f), &to).map_err(|e| LabError::io(&to, e))?;
+    }
+    Ok(())
 }
 
 /// The etcd members of a lab of `n` members. One member keeps the seed's layout (name vm1,
@@ -690,6 +794,9 @@ impl Lab {
             );
         }
         daemon_stdio(&mut cmd, &self.state.name, &rec.log)?;
+        if let (Some(secure), "daemon") = (&state.secure_store, rec.role.as_str()) {
+            cmd.env("VXNET_ETCD_USER", secure.credentials()?);
+        }
         self.hosts[host].enter(&mut cmd, true)?;
         let child = cmd
             .spawn()
@@ -782,7 +889,10 @@ impl Lab {
     /// Waits until etcd member `member` answers `/health` with true (it serves: a leader
     /// exists and it has caught up).
     pub async fn wait_etcd_healthy(&self, member: usize, limit: Duration) -> Result<(), LabError> {
-        let target = self.etcd_endpoints()[self.etcd_index(member)?];
+        let target = health_addr(
+            self.state.secure_store.is_some(),
+            self.etcd_endpoints()[self.etcd_index(member)?],
+        );
         let netns = self.hosts[0].netns.clone();
         let started = Instant::now();
         loop {
@@ -805,9 +915,10 @@ impl Lab {
 
     /// Whether etcd member `member` answers `/health` with true right now.
     pub fn etcd_is_healthy(&self, member: usize) -> bool {
-        self.etcd_endpoints()
-            .get(member)
-            .is_some_and(|t| etcd_healthy(&self.hosts[0].netns, *t))
+        self.etcd_endpoints().get(member).is_some_and(|t| {
+            let t = health_addr(self.state.secure_store.is_some(), *t);
+            etcd_healthy(&self.hosts[0].netns, t)
+        })
     }
 
     /// The current leader among the etcd members (asked with `etcdctl endpoint status` on
@@ -1187,6 +1298,10 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
             .iter()
             .map(|(m, _)| m.client_port)
             .collect(),
+        secure_store: opts.secure_store.then(|| SecureStore {
+            pki_dir: dir.join("pki"),
+            user: "vxnet".into(),
+        }),
     };
     state.save()?;
 
@@ -1254,6 +1369,52 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         .map(|(m, _)| m.initial_cluster_entry(vm1_addr))
         .collect::<Vec<_>>()
         .join(",");
+    let host_fs = |i: usize, inside: &str| {
+        dir.join("hosts")
+            .join(&state.hosts[i].name)
+            .join("fs")
+            .join(inside.trim_start_matches('/'))
+    };
+    let mut root_password = None;
+    if let Some(secure) = &state.secure_store {
+        let daemons: Vec<&str> = state.hosts[1..].iter().map(|h| h.name.as_str()).collect();
+        let clients: Vec<&str> = std::iter::once("etcdctl").chain(daemons).collect();
+        let pki = super::pki::make(&secure.pki_dir, &[vm1_addr], &clients).map_err(pki_err)?;
+        let (root, vxnet) = (random_password(), random_password());
+        for (user, pw) in [("root", &root), ("vxnet", &vxnet)] {
+            super::pki::write_secret(&pki.dir.join(format!("{user}.password")), pw)
+                .map_err(pki_err)?;
+        }
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let files = |f: &[&Path]| f.iter().filter_map(|p| name(p)).collect::<Vec<_>>();
+        let etcdctl = &pki.clients[0].1;
+        install_pki(
+            &pki.dir,
+            &host_fs(0, VM1_PKI),
+            &files(&[
+                &pki.ca,
+                &pki.server.cert,
+                &pki.server.key,
+                &etcdctl.cert,
+                &etcdctl.key,
+            ]),
+        )?;
+        for (i, (_, c)) in pki.clients.iter().enumerate().skip(1) {
+            install_pki(
+                &pki.dir,
+                &host_fs(i, DAEMON_PKI),
+                &files(&[&pki.ca, &c.cert, &c.key]),
+            )?;
+        }
+        root_password = Some((root, vxnet));
+    }
+    let tls = state.secure_store.as_ref().map(|_| EtcdServerTls {
+        ca: PathBuf::from(format!("{VM1_PKI}/ca.pem")),
+        cert: PathBuf::from(format!("{VM1_PKI}/etcd.pem")),
+        key: PathBuf::from(format!("{VM1_PKI}/etcd-key.pem")),
+        client_cert_auth: true,
+        etcdctl_cert: None,
+    });
     let mut etcd_children = Vec::new();
     for (m, data_dir) in &members {
         let log_name = if members.len() == 1 {
@@ -1263,12 +1424,19 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         };
         let etcd_log = logs.join(log_name);
         let mut cmd = Command::new(etcd_bin);
-        cmd.args(m.args(
+        cmd.args(m.args_with(
             &[vm1_addr, Ipv4Addr::LOCALHOST],
             vm1_addr,
             &initial_cluster,
             data_dir,
+            tls.as_ref(),
         ));
+        if tls.is_some() {
+            cmd.arg("--listen-metrics-urls").arg(format!(
+                "http://127.0.0.1:{}",
+                m.client_port + METRICS_PORT_OFFSET
+            ));
+        }
         daemon_stdio(&mut cmd, &opts.name, &etcd_log)?;
         view(&state)?.hosts[0].enter(&mut cmd, true)?;
         let child = cmd.spawn().map_err(|e| LabError::io(etcd_bin, e))?;
@@ -1278,17 +1446,40 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
         state.save()?;
         etcd_children.push((child, m.client_port, etcd_log));
     }
+    let secure = state.secure_store.is_some();
     futures::future::try_join_all(etcd_children.iter_mut().map(|(child, port, log)| {
         wait_etcd(
             child,
             &state.hosts[0].netns,
-            SocketAddr::from((vm1_addr, *port)),
+            health_addr(secure, SocketAddr::from((vm1_addr, *port))),
             log,
             opts.ready_timeout,
         )
     }))
     .await?;
     drop(etcd_children);
+    if let Some((root, vxnet)) = &root_password {
+        let vm1 = view(&state)?;
+        let endpoint = format!("https://127.0.0.1:{CLIENT_PORT}");
+        super::etcd::enable_auth(
+            |args| {
+                let mut cmd = vm1.hosts[0].command("etcdctl")?;
+                cmd.env("ETCDCTL_API", "3")
+                    .arg("--endpoints")
+                    .arg(&endpoint)
+                    .args(SecureStore::vm1_etcdctl_args())
+                    .args(args);
+                cmd.output()
+                    .map_err(|e| LabError::io(Path::new("etcdctl"), e))
+            },
+            root,
+            &[PrefixUser {
+                name: "vxnet",
+                password: vxnet,
+                prefix: SECURE_PREFIX,
+            }],
+        )?;
+    }
 
     // A daemon on every other host, with the defaults a real host would have.
     let lab = view(&state)?;
@@ -1311,6 +1502,10 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
                 std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
             );
         daemon_stdio(&mut cmd, &opts.name, &log)?;
+        if let Some(secure) = &state.secure_store {
+            cmd.args(SecureStore::daemon_args(&name))
+                .env("VXNET_ETCD_USER", secure.credentials()?);
+        }
         lab.hosts[i].enter(&mut cmd, true)?;
         let child = cmd.spawn().map_err(|e| LabError::io(&opts.binary, e))?;
         state.hosts[i]
@@ -1371,6 +1566,16 @@ async fn wait_init(
             Ok(_) => text.trim().to_string(),
         },
     })
+}
+
+/// Where etcd member `client` (its client address) answers `/health` in plain HTTP: its
+/// client port, or in a secure lab its metrics listener on vm1's loopback.
+fn health_addr(secure: bool, client: SocketAddr) -> SocketAddr {
+    if secure {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, client.port() + METRICS_PORT_OFFSET))
+    } else {
+        client
+    }
 }
 
 /// GET /health from inside `netns`: etcd answers `{"health":"true"}` once it serves.

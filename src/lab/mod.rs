@@ -14,6 +14,7 @@ pub mod docker;
 pub mod etcd;
 pub mod host_init;
 pub mod hosts;
+pub mod pki;
 pub mod process;
 pub mod sys;
 
