@@ -257,21 +257,7 @@ fn dnat_rule<'a>(chain: &'a Chain<'_>, p: &PortMapping, skip_loopback: bool) -> 
     }
     r.add_expr(&FibDaddrType);
     r.add_expr(&Cmp::new(CmpOp::Eq, RTN_LOCAL));
-    let (l4, dport) = match p.proto {
-        Proto::Tcp => (
-            libc::IPPROTO_TCP as u8,
-            TransportHeaderField::Tcp(TcpHeaderField::Dport),
-        ),
-        Proto::Udp => (
-            libc::IPPROTO_UDP as u8,
-            TransportHeaderField::Udp(UdpHeaderField::Dport),
-        ),
-    };
-    r.add_expr(&Meta::L4Proto);
-    r.add_expr(&Cmp::new(CmpOp::Eq, l4));
-    r.add_expr(&Payload::Transport(dport));
-    let host_port = p.host_port.to_be_bytes();
-    r.add_expr(&Cmp::new(CmpOp::Eq, &host_port[..]));
+    match_dport(&mut r, p.proto, p.host_port);
     r.add_expr(&Immediate::new(p.container_ip.octets(), Register::Reg1));
     r.add_expr(&Immediate::new(
         p.container_port.to_be_bytes(),
