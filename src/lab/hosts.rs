@@ -1685,10 +1685,15 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         // Daemons first (while etcd still answers), then etcd, then whatever else runs inside
         // the hosts (containers started there, `lab exec` commands: a VM's shutdown ends them
         // too), then the hosts' inits.
+        // An init that has not unshared its mount namespace yet (a lab torn down while it
+        // was coming up) is still in ours, the machine's: sweeping that one would signal
+        // every process of the machine, other labs' inits starting up among them.
+        let own_mnt = sys::ns_inode(Path::new("/proc/thread-self/ns/mnt"));
         let host_mnt: Vec<(u64, u64)> = inits
             .iter()
             .filter(|p| p.is_alive())
             .filter_map(|p| sys::ns_inode(Path::new(&format!("/proc/{}/ns/mnt", p.pid))))
+            .filter(|m| Some(*m) != own_mnt)
             .collect();
         let mut ours: Vec<u32> = all.iter().chain(inits.iter()).map(|p| p.pid).collect();
         ours.push(std::process::id());
