@@ -129,26 +129,15 @@ impl Firewall for Nftables {
         }
         // Into the bridge only replies and published ports (DNATed): a route to the gateway
         // subnet via this host must not reach a container's unpublished ports.
-        let mut r = Rule::new(&fwd);
-        r.add_expr(&Meta::OifName);
-        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
-        r.add_expr(&Conntrack::State);
         let est = (States::ESTABLISHED | States::RELATED).bits();
-        r.add_expr(&Bitwise::new(est, 0u32));
-        r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
-        r.add_expr(&Verdict::Accept);
+        let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::State, est);
         b.add(
             &r,
             MsgType::Add,
             "add the established rule in chain forward",
         );
-        let mut r = Rule::new(&fwd);
-        r.add_expr(&Meta::OifName);
-        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
-        r.add_expr(&Conntrack::Status);
-        r.add_expr(&Bitwise::new(ConntrackStatus::DST_NAT.bits(), 0u32));
-        r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
-        r.add_expr(&Verdict::Accept);
+        let dnat = ConntrackStatus::DST_NAT.bits();
+        let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::Status, dnat);
         b.add(
             &r,
             MsgType::Add,
@@ -285,6 +274,23 @@ fn store_ports(ruleset: &Ruleset) -> Vec<(Ipv4Addr, u16)> {
     out.sort();
     out.dedup();
     out
+}
+
+/// `oifname <bridge> ct <state|status> & <bits> != 0 accept`.
+fn into_bridge_if_ct<'a>(
+    chain: &'a Chain<'_>,
+    bridge: &[u8; 16],
+    key: Conntrack,
+    bits: u32,
+) -> Rule<'a> {
+    let mut r = Rule::new(chain);
+    r.add_expr(&Meta::OifName);
+    r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+    r.add_expr(&key);
+    r.add_expr(&Bitwise::new(bits, 0u32));
+    r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+    r.add_expr(&Verdict::Accept);
+    r
 }
 
 /// `meta l4proto <proto> <proto> dport <port>`.
