@@ -69,6 +69,7 @@ async fn bench() {
         let req = EndpointCreate {
             name: Some(format!("e{i}")),
             ip: None,
+            aliases: Vec::new(),
         };
         let started = Instant::now();
         a.endpoint_create("alloc", &req).await.expect("allocate");

@@ -627,6 +627,7 @@ async fn write_load(store: &EtcdStore, keys: &Keys, net: &Id, run: usize, k: usi
                         ip,
                         mac,
                         created: created.clone(),
+                        aliases: Vec::new(),
                     };
                     [
                         Op::put_leased(

@@ -63,6 +63,9 @@ pub struct EndpointCreate {
     /// A specific address; otherwise the next free one.
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// More names for the endpoint in the network's DNS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// A network as read from the store, with the revisions the compares need.
@@ -511,6 +514,7 @@ impl Cluster {
         if let Some(name) = &req.name {
             validate_name("endpoint", name)?;
         }
+        crate::validate::check_aliases(&req.aliases)?;
         let (id, mac) = match identity {
             Some((id, mac)) => (id, Some(mac)),
             None => (Id::random(), None),
@@ -525,6 +529,7 @@ impl Cluster {
             ip,
             mac: mac.unwrap_or_else(|| Mac::from_ipv4(ip)),
             created: created.clone(),
+            aliases: req.aliases.clone(),
         };
         let claimed = self
             .allocate(network, req.ip, known, &id, |ip| {

@@ -48,6 +48,8 @@ pub struct DaemonConfig {
     pub docker_plugin: Option<crate::docker::PluginConfig>,
     /// Container namespaces kept ready ahead of creates (`--netns-pool`; 0: none).
     pub netns_pool: usize,
+    /// Serve names, forwarding the rest to the resolvers in this resolv.conf (`--dns`).
+    pub dns: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,25 +154,33 @@ pub async fn run(
     // must not be swept as strays.
     let plugin_dir = config.state_dir.join("docker");
     let plugin_state = Arc::new(PluginState::load(&plugin_dir).map_err(io_err(&plugin_dir))?);
-    let reconciler = Arc::new(
-        Reconciler::new(
-            host_netlink,
-            LocalHost {
-                run_dir: config.run_dir.clone(),
-                advertise: config.advertise_addr,
-                node_id,
-                gateway: GatewayConfig {
-                    bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
-                    subnet: config.gateway_subnet,
-                },
+    let dns = config.dns.as_ref().map(|resolv_conf| {
+        let dns = crate::dns::DnsServer::new(view.clone(), node_id.clone(), resolv_conf.clone());
+        dns.add_scope(registry.clone());
+        dns.add_scope(plugin_state.clone());
+        dns
+    });
+    let mut reconciler = Reconciler::new(
+        host_netlink,
+        LocalHost {
+            run_dir: config.run_dir.clone(),
+            advertise: config.advertise_addr,
+            node_id,
+            gateway: GatewayConfig {
+                bridge: GatewayConfig::DEFAULT_BRIDGE.to_string(),
+                subnet: config.gateway_subnet,
             },
-            view.clone(),
-            registry.clone(),
-            Arc::new(crate::firewall::Nftables),
-        )
-        .with_plugin_ports(plugin_state.clone())
-        .with_store_endpoints(store_endpoints),
-    );
+        },
+        view.clone(),
+        registry.clone(),
+        Arc::new(crate::firewall::Nftables),
+    )
+    .with_plugin_ports(plugin_state.clone())
+    .with_store_endpoints(store_endpoints);
+    if let Some(dns) = dns {
+        reconciler = reconciler.with_dns(dns);
+    }
+    let reconciler = Arc::new(reconciler);
     let containers = ContainerService::new(
         cluster.clone(),
         view.clone(),

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod container;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod docker;
 pub mod error;
 pub mod firewall;

@@ -267,6 +267,10 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub mac: Mac,
     pub created: String,
+    /// More names the endpoint answers to in the network's DNS (`--alias`, Docker's
+    /// `--network-alias`); several endpoints may share one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// A host running a vxnet daemon, as stored under `nodes/<id>` with the node's lease.

@@ -128,6 +128,12 @@ impl NetNs {
         self.path.as_deref()
     }
 
+    /// The namespace's inode: two values with one inode are one namespace.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(File::from(self.fd.try_clone()?).metadata()?.ino())
+    }
+
     /// Runs `f` on a fresh thread inside this namespace.
     pub fn run<F, R>(&self, f: F) -> io::Result<R>
     where

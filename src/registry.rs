@@ -42,6 +42,9 @@ pub struct Attachment {
     /// container has no gateway bridge interface).
     #[serde(default)]
     pub default_route: bool,
+    /// The endpoint's DNS aliases on this network (`--alias`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// The container's interface on this host's gateway bridge (Docker's docker_gwbridge): its
@@ -120,6 +123,10 @@ pub struct ContainerRecord {
     /// took the address): the interface was removed, so no address ever has two owners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<String>,
+    /// `resolv.conf` and `hosts` written for the container (pointing at vxnet's name
+    /// server), which `run` and `exec` mount over /etc's in the container's mount namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etc_dir: Option<PathBuf>,
 }
 
 /// Why a new record could not be stored.
@@ -232,6 +239,21 @@ impl Registry {
         self.lock().get(id).cloned()
     }
 
+    /// The networks of the container that has endpoint `endpoint`, if one here has it.
+    pub fn container_networks(&self, endpoint: &EndpointId) -> Option<Vec<NetworkId>> {
+        let records = self.lock();
+        let record = records
+            .values()
+            .find(|r| r.attachments.iter().any(|a| &a.endpoint_id == endpoint))?;
+        Some(
+            record
+                .attachments
+                .iter()
+                .map(|a| a.network_id.clone())
+                .collect(),
+        )
+    }
+
     pub fn list(&self) -> Vec<ContainerRecord> {
         self.lock().values().cloned().collect()
     }
@@ -283,11 +305,13 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 4, 1),
                 mtu: 1450,
                 default_route: false,
+                aliases: Vec::new(),
             }],
             auto_remove: false,
             gateway_attachment: None,
             ports: Vec::new(),
             conflicts: Vec::new(),
+            etc_dir: None,
         }
     }
 

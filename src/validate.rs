@@ -172,6 +172,7 @@ pub fn check_endpoint(
     same_id("id", &ep.id, key_ep)?;
     same_id("network_id", &ep.network_id, key_net)?;
     check_mac(ep.mac)?;
+    check_dns_names(ep)?;
     if !net.subnet.contains(&ep.ip) {
         return Err(Rejection::Invalid(format!(
             "address {} is outside the network's subnet {}",
@@ -188,6 +189,38 @@ pub fn check_endpoint(
         return Err(Rejection::Invalid(format!(
             "address {} is the network or broadcast address of {}",
             ep.ip, net.subnet
+        )));
+    }
+    Ok(())
+}
+
+/// The most aliases one endpoint may carry: each is an entry in every host's name index.
+pub const MAX_ALIASES: usize = 16;
+
+/// An endpoint's name and aliases become DNS answers on every host: each must be a name
+/// Docker would accept (which also keeps it one or more valid DNS labels' worth of bytes).
+fn check_dns_names(ep: &Endpoint) -> Result<(), Rejection> {
+    validate_name("endpoint", &ep.name).map_err(|e| Rejection::Invalid(e.to_string()))?;
+    check_aliases(&ep.aliases).map_err(|e| Rejection::Invalid(e.to_string()))
+}
+
+/// A request's or a record's aliases: few enough, each a valid name.
+pub fn check_aliases(aliases: &[String]) -> Result<(), crate::error::Error> {
+    if aliases.len() > MAX_ALIASES {
+        return Err(crate::error::Error::invalid(format!(
+            "{} aliases given: at most {MAX_ALIASES} per network",
+            aliases.len()
+        )));
+    }
+    aliases.iter().try_for_each(|a| validate_alias(a))
+}
+
+/// Docker's rule for names, plus what DNS needs: labels of 1 to 63 characters.
+pub fn validate_alias(alias: &str) -> Result<(), crate::error::Error> {
+    validate_name("alias", alias)?;
+    if alias.split('.').any(|l| l.is_empty() || l.len() > 63) {
+        return Err(crate::error::Error::invalid(format!(
+            "invalid alias {alias:?}: each dot-separated part must be 1 to 63 characters"
         )));
     }
     Ok(())
@@ -224,6 +257,7 @@ mod tests {
             ip,
             mac: mac.unwrap_or(Mac::from_ipv4(ip)),
             created: String::new(),
+            aliases: Vec::new(),
         }
     }
 

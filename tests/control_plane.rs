@@ -23,6 +23,7 @@ fn ep(name: &str) -> EndpointCreate {
     EndpointCreate {
         name: Some(name.into()),
         ip: None,
+        aliases: Vec::new(),
     }
 }
 
@@ -30,6 +31,7 @@ fn ep_at(name: &str, ip: &str) -> EndpointCreate {
     EndpointCreate {
         name: Some(name.into()),
         ip: Some(ip.parse().unwrap()),
+        aliases: Vec::new(),
     }
 }
 

@@ -132,6 +132,7 @@ impl Lab {
             mtu: MTU,
             vxlan_port: PORT,
             underlay: host.underlay.clone(),
+            service_address: None,
         }
     }
 }
@@ -148,6 +149,7 @@ fn endpoint(ip: Ipv4Addr) -> EndpointSpec {
         mac: Mac::from_ipv4(ip),
         mtu: MTU,
         default_gateway: Some(Ipv4Addr::new(10, 0, 4, 1)),
+        host_route: None,
     }
 }
 

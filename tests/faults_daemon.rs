@@ -146,6 +146,7 @@ async fn a_crash_between_claim_and_record_leaves_no_leaked_address() {
             &vxnet::cluster::EndpointCreate {
                 name: Some("orphan".into()),
                 ip: None,
+                aliases: Vec::new(),
             },
         )
         .await

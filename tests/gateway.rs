@@ -389,6 +389,7 @@ async fn overlay_eth0_hands_the_default_route_to_eth1() {
                 mtu: 1450,
                 vxlan_port: 4789,
                 underlay,
+                service_address: None,
             },
         )
         .await,
@@ -408,6 +409,7 @@ async fn overlay_eth0_hands_the_default_route_to_eth1() {
         mac: Mac::from_ipv4(ip),
         mtu: 1450,
         default_gateway: None,
+        host_route: None,
     };
     // With no gateway, eth0 gets no default route.
     check(

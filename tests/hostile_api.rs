@@ -44,6 +44,7 @@ async fn foreign_endpoint_delete_is_refused_unless_forced() {
             &EndpointCreate {
                 name: Some("theirs".into()),
                 ip: None,
+                aliases: Vec::new(),
             },
         )
         .await

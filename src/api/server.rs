@@ -141,6 +141,8 @@ fn with_synced<R>(state: &ApiState, f: impl FnOnce(&ClusterView) -> ApiResult<R>
 }
 
 async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
+    // Read before the view's lock is taken: it reads the view itself.
+    let dns = state.reconciler.dns().map(|d| d.info());
     Ok(Json(state.view.with(|view| {
         Info {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -174,6 +176,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
                 .as_ref()
                 .map(|p| p.call_stats())
                 .unwrap_or_default(),
+            dns,
         }
     })))
 }

@@ -65,6 +65,9 @@ pub struct Info {
     /// Docker plugin calls served since the daemon started, by call (with `--docker-plugin`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub docker_plugin_calls: std::collections::BTreeMap<String, CallStats>,
+    /// The name server (absent with `--dns=false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsInfo>,
 }
 
 impl Info {

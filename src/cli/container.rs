@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// Publish a port on this host's addresses: HOSTPORT:CONTAINERPORT[/tcp|udp]; repeatable.
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
+    /// Another name for the container on the network's DNS; repeatable.
+    #[arg(long = "alias", alias = "network-alias")]
+    aliases: Vec<String>,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -88,11 +91,52 @@ pub struct InitArgs {
 struct Enter {
     net: File,
     uts: Option<File>,
+    mounts: Mounts,
     hostname: Option<CString>,
     die_with_parent: bool,
     new_session: bool,
     /// An fd the child keeps across exec (the start gate's read end).
     keep_fd: Option<i32>,
+}
+
+/// The container's view of /etc/resolv.conf and /etc/hosts.
+enum Mounts {
+    /// The caller's own (DNS off, or a container from before it).
+    Inherit,
+    /// A new mount namespace with these files (source, target) bound over /etc's.
+    Bind(Vec<(CString, CString)>),
+    /// The running container's mount namespace (`exec`).
+    Join(File),
+}
+
+impl Mounts {
+    /// `run`: the record's resolv.conf and hosts over the host's.
+    fn for_record(record: &ContainerRecord) -> anyhow::Result<Self> {
+        let Some(dir) = &record.etc_dir else {
+            return Ok(Mounts::Inherit);
+        };
+        let mut binds = Vec::new();
+        for f in ["resolv.conf", "hosts"] {
+            let src = dir.join(f);
+            let src = CString::new(src.as_os_str().as_encoded_bytes())
+                .context("the container's file path holds a NUL byte")?;
+            binds.push((src, CString::new(format!("/etc/{f}"))?));
+        }
+        Ok(Mounts::Bind(binds))
+    }
+
+    /// `exec`: the container's mount namespace, when it has its own.
+    fn of_process(pid: u32) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let theirs = File::open(format!("/proc/{pid}/ns/mnt"))
+            .with_context(|| format!("cannot open the mount namespace of process {pid}"))?;
+        let ours = std::fs::metadata("/proc/self/ns/mnt")?;
+        Ok(if theirs.metadata()?.ino() == ours.ino() {
+            Mounts::Inherit
+        } else {
+            Mounts::Join(theirs)
+        })
+    }
 }
 
 /// The container's first program: waits for `run`'s go (so the daemon holds its PID before
@@ -146,8 +190,8 @@ fn command_in(enter: Enter, argv: &[String]) -> anyhow::Result<tokio::process::C
     let (program, args) = argv.split_first().context("no command given")?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: only async-signal-safe system calls (setns, unshare, sethostname, prctl,
-    // setsid) on fds and a string prepared before fork.
+    // SAFETY: only async-signal-safe system calls (setns, unshare, mount, sethostname,
+    // prctl, setsid) on fds and strings prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(enter.net.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
@@ -162,6 +206,44 @@ fn command_in(enter: Enter, argv: &[String]) -> anyhow::Result<tokio::process::C
                 None => {
                     if libc::unshare(libc::CLONE_NEWUTS) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            match &enter.mounts {
+                Mounts::Inherit => {}
+                Mounts::Join(mnt) => {
+                    if libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Mounts::Bind(binds) => {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Nothing mounted here may reach the host's namespace.
+                    let root = c"/";
+                    let flags = libc::MS_REC | libc::MS_SLAVE;
+                    if libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    for (src, dst) in binds {
+                        if libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                 }
             }
@@ -226,6 +308,7 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<ExitCode> {
             command: args.command.clone(),
             auto_remove: args.rm,
             publish,
+            aliases: args.aliases.clone(),
         })
         .await?;
     let started = start_process(client, &record, &args).await;
@@ -277,6 +360,7 @@ async fn start_process(
     let enter = Enter {
         net,
         uts: None,
+        mounts: Mounts::for_record(record)?,
         hostname: Some(CString::new(record.hostname.clone()).context("hostname holds a NUL byte")?),
         die_with_parent: !args.detach,
         new_session: args.detach,
@@ -333,6 +417,7 @@ pub async fn exec(client: &Client, args: ExecArgs) -> anyhow::Result<ExitCode> {
     let enter = Enter {
         net,
         uts: Some(uts),
+        mounts: Mounts::of_process(pid)?,
         hostname: None,
         die_with_parent: true,
         new_session: false,

@@ -64,6 +64,12 @@ pub struct DaemonArgs {
     /// 0 makes every one on demand).
     #[arg(long, default_value_t = crate::container::nspool::DEFAULT_SIZE)]
     netns_pool: usize,
+    /// Serve containers' names on 169.254.53.53 in every network (`--dns=false`: off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    dns: bool,
+    /// The resolvers names outside vxnet's networks are forwarded to (re-read on change).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -111,6 +117,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             scope: args.docker_scope,
         }),
         netns_pool: args.netns_pool,
+        dns: args.dns.then_some(args.resolv_conf),
     };
     crate::daemon::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -208,6 +208,22 @@ async fn info(client: &Client, format: Option<&str>) -> anyhow::Result<ExitCode>
                     );
                 }
             }
+            if let Some(d) = &info.dns {
+                println!(
+                    "DNS:             {} ({} names; forwarding to {})",
+                    d.listen,
+                    d.names,
+                    if d.upstreams.is_empty() {
+                        "nothing: no nameserver in resolv.conf".to_string()
+                    } else {
+                        d.upstreams.join(", ")
+                    }
+                );
+                println!(
+                    "  answered {}, forwarded {}, unknown source {}, rate-limited {}, shed {}",
+                    d.answered, d.forwarded, d.unknown_source, d.rate_limited, d.forwards_shed
+                );
+            }
             println!("Records rejected: {}", info.records_rejected);
             for r in &info.rejected_records {
                 println!("  {} ({}): {}", r.key, r.kind, r.reason);

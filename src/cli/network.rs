@@ -64,6 +64,9 @@ pub enum NetworkCommand {
         /// Address on that network (default: the next free one).
         #[arg(long)]
         ip: Option<String>,
+        /// Another name for the container on this network's DNS; repeatable.
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
         network: String,
         container: String,
     },
@@ -176,6 +179,7 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
         }
         NetworkCommand::Connect {
             ip,
+            aliases,
             network,
             container,
         } => {
@@ -183,7 +187,11 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCod
             client
                 .network_connect(
                     &container,
-                    &crate::container::ConnectRequest { network, ip },
+                    &crate::container::ConnectRequest {
+                        network,
+                        ip,
+                        aliases,
+                    },
                 )
                 .await?;
             Ok(ExitCode::SUCCESS)

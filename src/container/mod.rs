@@ -54,6 +54,9 @@ pub struct CreateRequest {
     /// Ports to publish on this host's addresses (`-p 8080:80/tcp`).
     #[serde(default)]
     pub publish: Vec<PublishedPort>,
+    /// More names for the container on its network's DNS (`--alias`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 /// `POST /v1/containers/{c}/start`.
@@ -70,6 +73,9 @@ pub struct ConnectRequest {
     pub network: String,
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// More names for the container on this network's DNS (`--alias`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 /// A gateway-bridge address picked and not yet in a saved record.
@@ -90,6 +96,8 @@ pub struct ContainerService {
     reconciler: Arc<Reconciler>,
     registry: Arc<Registry>,
     netns_dir: PathBuf,
+    /// Per container, the resolv.conf and hosts its mount namespace sees as /etc's.
+    etc_root: PathBuf,
     pool: Arc<NamespacePool>,
     processes: SyncMutex<HashMap<Id, Arc<ProcessHandle>>>,
     /// One lock per container: its state changes (start, exit, stop, connect…) never interleave.
@@ -153,10 +161,60 @@ impl ContainerService {
             registry,
             pool: NamespacePool::new(netns_dir.clone(), netns_pool),
             netns_dir,
+            etc_root: run_dir.join("containers"),
             processes: SyncMutex::new(HashMap::new()),
             locks: SyncMutex::new(HashMap::new()),
             gateway_picked: SyncMutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// Writes the container's resolv.conf (vxnet's name server, the host's search and
+    /// options lines) and hosts (localhost, its own name); `None` when DNS is off.
+    fn write_etc(&self, record: &ContainerRecord) -> Result<Option<PathBuf>, Error> {
+        let Some(dns) = self.reconciler.dns() else {
+            return Ok(None);
+        };
+        let dir = self.etc_root.join(record.id.short());
+        let failed = |e| Error::io(format!("writing {}", dir.display()), e);
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        let mut hosts =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        if let Some(eth0) = record.attachments.first() {
+            hosts.push_str(&format!("{}\t{}", eth0.ip, record.hostname));
+            if record.name != record.hostname {
+                hosts.push_str(&format!(" {}", record.name));
+            }
+            hosts.push('\n');
+        }
+        // Replaced whole, never edited in place: a mount of the old file keeps the old one.
+        crate::node::write_replacing(
+            &dir.join("resolv.conf"),
+            dns.resolv_conf_for_containers().as_bytes(),
+        )
+        .map_err(failed)?;
+        crate::node::write_replacing(&dir.join("hosts"), hosts.as_bytes()).map_err(failed)?;
+        for f in ["resolv.conf", "hosts"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))
+                .map_err(failed)?;
+        }
+        Ok(Some(dir))
+    }
+
+    fn remove_etc(&self, record: &ContainerRecord) {
+        let Some(dir) = &record.etc_dir else {
+            return;
+        };
+        // Only ever a directory this service made (a record from disk could name any path).
+        if dir.parent() != Some(self.etc_root.as_path()) {
+            return;
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the container's resolv.conf and hosts")
+            }
+            _ => {}
+        }
     }
 
     /// Removes the namespaces kept ready for containers (a clean stop).
@@ -203,6 +261,7 @@ impl ContainerService {
         ns: &NetNs,
         stored: &StoredNetwork,
         ip: Option<Ipv4Addr>,
+        aliases: &[String],
         default_route: bool,
     ) -> Result<Attachment, Error> {
         let net = &stored.network;
@@ -219,6 +278,7 @@ impl ContainerService {
         let req = EndpointCreate {
             name: Some(record.name.clone()),
             ip,
+            aliases: aliases.to_vec(),
         };
         let endpoint = self
             .cluster
@@ -248,6 +308,7 @@ impl ContainerService {
             gateway: net.gateway,
             mtu,
             default_route,
+            aliases: aliases.to_vec(),
         };
         if let Err(e) = self.reconciler.attach(ns, net, &att).await {
             self.release(&att).await;
@@ -327,6 +388,7 @@ impl ContainerService {
         if let Some(name) = &req.name {
             cluster::validate_name("container", name)?;
         }
+        crate::validate::check_aliases(&req.aliases)?;
         if let Some(h) = req.hostname.as_ref().filter(|h| !hostname_ok(h)) {
             return Err(Error::invalid(format!(
                 "invalid hostname {h:?}: use 1 to 63 letters, digits and '-'"
@@ -364,6 +426,7 @@ impl ContainerService {
             gateway_attachment: None,
             ports: vec![],
             conflicts: vec![],
+            etc_dir: None,
         };
         record.ports = req.publish.clone();
         if let Err(e) = check_host_ports(&req.publish, self.reconciler.store_endpoints()).await {
@@ -408,7 +471,7 @@ impl ContainerService {
             // once: the gateway bridge's work fits in the wait for etcd.
             let (att, gw) = tokio::join!(
                 // The overlay carries the default route only when there is no gateway bridge.
-                self.attach(&record, &ns, &stored, req.ip, internal),
+                self.attach(&record, &ns, &stored, req.ip, &req.aliases, internal),
                 async {
                     match internal {
                         true => Ok((None, None)),
@@ -422,6 +485,9 @@ impl ContainerService {
             lap("eth0 and eth1");
             // Whatever was made goes into the record first, so a failure of the other undoes it.
             let att = att.map(|a| record.attachments.push(a));
+            if att.is_ok() {
+                record.etc_dir = self.write_etc(&record)?;
+            }
             let _pick = gw.map(|(g, pick)| {
                 record.gateway_attachment = g;
                 pick
@@ -450,6 +516,7 @@ impl ContainerService {
                 let _ = self.reconciler.detach_gateway(&gw).await;
             }
             let _ = NetNs::remove_named(&netns);
+            self.remove_etc(&record);
             let _ = self.registry.remove(&id);
             if !record.ports.is_empty() {
                 let _ = self.reconciler.sync_firewall().await;
@@ -561,6 +628,7 @@ impl ContainerService {
         if let Err(e) = NetNs::remove_named(&record.netns) {
             tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
         }
+        self.remove_etc(&record);
         if record.auto_remove {
             self.discard(&record);
         }
@@ -571,6 +639,7 @@ impl ContainerService {
         if let Err(e) = NetNs::remove_named(&record.netns) {
             tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
         }
+        self.remove_etc(record);
         if let Err(e) = self.registry.remove(&record.id) {
             tracing::warn!(container = %record.id.short(), error = %e, "cannot remove record");
         }
@@ -634,7 +703,9 @@ impl ContainerService {
         let ns = NetNs::open(&record.netns)
             .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
         let stored = self.resolve_network(&req.network).await?;
-        let att = self.attach(&record, &ns, &stored, req.ip, false).await?;
+        let att = self
+            .attach(&record, &ns, &stored, req.ip, &req.aliases, false)
+            .await?;
         record.attachments.push(att.clone());
         if let Err(e) = self.registry.put(record.clone()) {
             self.release(&att).await;
@@ -689,6 +760,7 @@ impl ContainerService {
                     ip: att.ip,
                     mac: att.mac,
                     created: record.created.clone(),
+                    aliases: att.aliases.clone(),
                 };
                 let outcome = match self.resolve_network(att.network_id.as_str()).await {
                     Ok(stored) => self.cluster.reclaim_endpoint(&stored, &endpoint).await,
@@ -893,6 +965,7 @@ mod orphan_tests {
             ip,
             mac: Mac::from_ipv4(ip),
             created: created.into(),
+            aliases: Vec::new(),
         };
         let kv = KeyValue {
             key: keys.endpoint(&ep.network_id, &ep.id),

@@ -26,6 +26,9 @@ pub struct EndpointSpec {
     pub mtu: u32,
     /// The container's default route goes via this address when set.
     pub default_gateway: Option<Ipv4Addr>,
+    /// A /32 reached straight out of this interface (the name server's address on br0),
+    /// whatever the default route is.
+    pub host_route: Option<Ipv4Addr>,
 }
 
 pub(crate) const CONTAINER: &str = "the container namespace";
@@ -87,6 +90,26 @@ pub async fn ensure_endpoint(
         &spec.mac,
         spec.address,
         spec.default_gateway,
+    )
+    .await?;
+    if let Some(dst) = spec.host_route {
+        ensure_host_route(&pair, dst).await?;
+    }
+    Ok(())
+}
+
+/// A link-scope route to `dst` out of the container's end (added or replaced: safe to repeat).
+async fn ensure_host_route(pair: &VethPair, dst: Ipv4Addr) -> Result<(), DataplaneError> {
+    use rtnetlink::packet_route::route::RouteScope;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, 32)
+        .output_interface(pair.container.header.index)
+        .scope(RouteScope::Link)
+        .build();
+    call(
+        "add a route to",
+        || format!("{} ({dst}/32)", pair.container_object),
+        pair.container_handle.route().add(route).replace().execute(),
     )
     .await
 }

@@ -180,20 +180,34 @@ pub async fn ensure_ipv4_address(
     want: Ipv4Net,
     object: &str,
 ) -> Result<bool, DataplaneError> {
+    ensure_ipv4_addresses(h, index, &[want], object).await
+}
+
+/// [`ensure_ipv4_address`] for a link that holds several addresses (br0: the gateway and
+/// the name server's).
+pub async fn ensure_ipv4_addresses(
+    h: &Handle,
+    index: u32,
+    wanted: &[Ipv4Net],
+    object: &str,
+) -> Result<bool, DataplaneError> {
     let current: Vec<AddressMessage> = collect(
         "list the addresses of",
         || object.to_string(),
         || h.address().get().set_link_index_filter(index).execute(),
     )
     .await?;
-    let mut have = false;
+    let mut have = vec![false; wanted.len()];
     let mut changed = false;
     for a in current
         .into_iter()
         .filter(|a| a.header.family == AddressFamily::Inet)
     {
-        if ipv4_of(&a) == Some(want.addr()) && a.header.prefix_len == want.prefix_len() {
-            have = true;
+        let pos = wanted.iter().position(|want| {
+            ipv4_of(&a) == Some(want.addr()) && a.header.prefix_len == want.prefix_len()
+        });
+        if let Some(pos) = pos {
+            have[pos] = true;
             continue;
         }
         let del = h.address().del(a).execute();
@@ -203,7 +217,7 @@ pub async fn ensure_ipv4_address(
         }
         changed = true;
     }
-    if !have {
+    for (want, _) in wanted.iter().zip(have).filter(|(_, have)| !have) {
         let add = h
             .address()
             .add(index, IpAddr::V4(want.addr()), want.prefix_len())

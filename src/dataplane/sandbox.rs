@@ -2,6 +2,7 @@
 //! libnetwork lays out its `1-<network id>` namespaces.
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,8 @@ pub struct SandboxSpec {
     pub vxlan_port: u16,
     /// The local VTEP: its address is `vxlan1`'s source, its interface `vxlan1`'s lower device.
     pub underlay: Underlay,
+    /// One more address for `br0`, as a /32: where the network's name server listens.
+    pub service_address: Option<Ipv4Addr>,
 }
 
 /// An ensured sandbox: its namespace, a netlink handle inside it, and its two devices.
@@ -228,7 +231,9 @@ async fn ensure_bridge(h: &Handle, spec: &SandboxSpec, label: &str) -> Result<u3
         }
     };
     fix_link(h, &br, Some(spec.mtu), None, Some(&mac.0), &object).await?;
-    links::ensure_ipv4_address(h, br.header.index, spec.gateway, &object).await?;
+    let mut addresses = vec![spec.gateway];
+    addresses.extend(spec.service_address.map(Ipv4Net::from));
+    links::ensure_ipv4_addresses(h, br.header.index, &addresses, &object).await?;
     Ok(br.header.index)
 }
 

@@ -446,6 +446,7 @@ impl DockerPlugin {
                     ip,
                     mac,
                     created: model::now_rfc3339(),
+                    aliases: Vec::new(),
                 };
                 let w = self
                     .cluster
@@ -462,6 +463,7 @@ impl DockerPlugin {
                 let req = EndpointCreate {
                     name: None,
                     ip: Some(ip),
+                    aliases: Vec::new(),
                 };
                 self.cluster
                     .create_endpoint_as(&stored, req, None, Some((id.clone(), mac)))
@@ -474,6 +476,7 @@ impl DockerPlugin {
             runtime_ifname: format!("vxd{}", id.prefix(10)),
             joined: false,
             endpoint,
+            sandbox_key: None,
         };
         if let Err(e) = self.state.endpoints.put(id.as_str(), record) {
             let _ = self.cluster.delete_endpoint(&net.id, &id).await;
@@ -510,6 +513,21 @@ impl DockerPlugin {
             .attach_handoff(&self.runtime_ns, net, &spec)
             .await?;
         rec.joined = true;
+        let sandbox_key = (!req.sandbox_key.is_empty()).then(|| req.sandbox_key.clone());
+        // One route per container: a second interface with the same /32 would make
+        // Docker's route add fail with "file exists" and the join with it.
+        let routed_already = sandbox_key.is_some()
+            && self.state.endpoints.list().iter().any(|r| {
+                r.joined && r.sandbox_key == sandbox_key && r.endpoint.id != rec.endpoint.id
+            });
+        rec.sandbox_key = sandbox_key;
+        let static_routes = match self.reconciler.dns() {
+            Some(_) if !routed_already => vec![StaticRoute {
+                destination: format!("{}/32", crate::dns::LISTEN_ADDR),
+                route_type: StaticRoute::CONNECTED,
+            }],
+            _ => Vec::new(),
+        };
         let src_name = rec.runtime_ifname.clone();
         if let Err(e) = self.state.endpoints.put(&req.endpoint_id, rec) {
             let _ = self
@@ -526,6 +544,7 @@ impl DockerPlugin {
             // No gateway of ours: Docker then gives the container its docker_gwbridge
             // interface and default route, as with its own overlay (the seed's eth1).
             disable_gateway_service: net.internal,
+            static_routes,
         })
     }
 

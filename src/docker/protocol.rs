@@ -139,6 +139,21 @@ pub struct JoinResponse {
     /// Set only for internal networks: no gateway bridge (Docker's docker_gwbridge) for them.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub disable_gateway_service: bool,
+    /// Routes Docker adds in the container for this interface (the name server's address).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub static_routes: Vec<StaticRoute>,
+}
+
+/// libnetwork's remote-driver route: `RouteType` 1 (connected) is "via this interface".
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StaticRoute {
+    pub destination: String,
+    pub route_type: u8,
+}
+
+impl StaticRoute {
+    pub const CONNECTED: u8 = 1;
 }
 
 #[derive(Debug, Serialize)]
@@ -318,10 +333,15 @@ mod tests {
                 dst_prefix: "eth",
             },
             disable_gateway_service: false,
+            static_routes: vec![StaticRoute {
+                destination: "169.254.53.53/32".into(),
+                route_type: StaticRoute::CONNECTED,
+            }],
         };
         assert_eq!(
             serde_json::to_value(&join).unwrap(),
-            serde_json::json!({"InterfaceName": {"SrcName": "vxd0123456789", "DstPrefix": "eth"}})
+            serde_json::json!({"InterfaceName": {"SrcName": "vxd0123456789", "DstPrefix": "eth"},
+                "StaticRoutes": [{"Destination": "169.254.53.53/32", "RouteType": 1}]})
         );
         assert_eq!(
             serde_json::to_value(CreateEndpointResponse::default()).unwrap(),

@@ -38,6 +38,10 @@ pub struct EndpointRecord {
     pub runtime_ifname: String,
     /// Whether a Join made the port (and no Leave removed it since).
     pub joined: bool,
+    /// The container's namespace as Docker named it at Join: the endpoints sharing one are
+    /// one container's (the networks whose names it may see).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_key: Option<String>,
 }
 
 /// An address Docker's IPAM call reserved and no endpoint has adopted yet.
@@ -154,6 +158,24 @@ impl PluginState {
             endpoints: RecordDir::load(&dir.join("endpoints"), false)?,
             reservations: RecordDir::load(&dir.join("reservations"), false)?,
         })
+    }
+}
+
+impl PluginState {
+    /// The vxnet networks of the Docker container that joined `endpoint`, if it is one of
+    /// this plugin's.
+    pub fn container_networks(&self, endpoint: &Id) -> Option<Vec<NetworkId>> {
+        let all = self.endpoints.list();
+        let own = all.iter().find(|r| &r.endpoint.id == endpoint)?;
+        let Some(key) = own.sandbox_key.as_ref() else {
+            return Some(vec![own.endpoint.network_id.clone()]);
+        };
+        Some(
+            all.iter()
+                .filter(|r| r.joined && r.sandbox_key.as_ref() == Some(key))
+                .map(|r| r.endpoint.network_id.clone())
+                .collect(),
+        )
     }
 }
 

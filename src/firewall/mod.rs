@@ -161,6 +161,26 @@ pub trait Firewall: Send + Sync {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
     /// Deletes the `inet vxnet` table if present (idempotent).
     fn remove(&self) -> Result<(), FirewallError>;
+    /// Replaces the `inet vxnet_dns` table of a network's sandbox namespace (call it on a
+    /// thread in that namespace): per source address, at most `guard.rate` queries a second
+    /// reach the name server's socket; the rest are dropped before they queue there.
+    fn guard_dns(&self, guard: &DnsGuard) -> Result<(), FirewallError>;
+}
+
+/// The table in each sandbox namespace that keeps one container's flood of DNS queries from
+/// filling the socket every container of that network shares.
+pub const DNS_TABLE: &str = "vxnet_dns";
+
+/// What [`Firewall::guard_dns`] programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsGuard {
+    pub listen: Ipv4Addr,
+    pub port: u16,
+    /// Queries per second per source address (UDP), with as many again as a burst.
+    pub rate: u32,
+    /// Source addresses tracked at once (a full table lets further new sources through to
+    /// the server, which drops those that are no local endpoint).
+    pub sources: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

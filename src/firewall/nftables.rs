@@ -19,7 +19,10 @@ use nftnl::set::Set;
 use nftnl::{Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule};
 use nftnl::{NlMsg, Table};
 
-use super::{Firewall, FirewallError, PortMapping, Proto, Ruleset, DOCKER_BRIDGE, TABLE, VTEP_SET};
+use super::{
+    DnsGuard, Firewall, FirewallError, PortMapping, Proto, Ruleset, DNS_TABLE, DOCKER_BRIDGE,
+    TABLE, VTEP_SET,
+};
 
 /// nftables' named priorities (`nft` prints these names back).
 const PRIO_DSTNAT: i32 = -100;
@@ -203,6 +206,63 @@ impl Firewall for Nftables {
         b.send()
     }
 
+    fn guard_dns(&self, guard: &DnsGuard) -> Result<(), FirewallError> {
+        let name = CString::new(DNS_TABLE).unwrap_or_default();
+        let table = Table::new(&name, ProtoFamily::Inet);
+        let mut b = Messages::new();
+        b.add(
+            &table,
+            MsgType::Add,
+            format!("add table inet {DNS_TABLE} (if missing)"),
+        );
+        b.add(
+            &table,
+            MsgType::Del,
+            format!("delete table inet {DNS_TABLE}"),
+        );
+        b.add(&table, MsgType::Add, format!("add table inet {DNS_TABLE}"));
+        // set askers { type ipv4_addr; size N; flags dynamic,timeout; timeout 60s }
+        let askers = Set::<Ipv4Addr>::new_named(c"askers", 1, &table, ProtoFamily::Inet);
+        // SAFETY: the set is live; these setters copy integers into it.
+        unsafe {
+            let s = askers.as_ptr().as_ptr();
+            sys::nftnl_set_set_u32(
+                s,
+                sys::NFTNL_SET_FLAGS as u16,
+                (libc::NFT_SET_EVAL | libc::NFT_SET_TIMEOUT) as u32,
+            );
+            sys::nftnl_set_set_u64(s, sys::NFTNL_SET_TIMEOUT as u16, ASKER_TIMEOUT_MS);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DESC_SIZE as u16, guard.sources);
+        }
+        b.add(&askers, MsgType::Add, "add set askers");
+        let mut input = Chain::new(c"input", &table);
+        input.set_type(ChainType::Filter);
+        input.set_hook(Hook::In, PRIO_FILTER);
+        input.set_policy(Policy::Accept);
+        b.add(&input, MsgType::Add, "add chain input (filter)");
+        // ip daddr L udp dport 53 update @askers { ip saddr limit rate over R/second } drop
+        let mut r = Rule::new(&input);
+        match_ipv4(&mut r);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Daddr,
+        )));
+        r.add_expr(&Cmp::new(CmpOp::Eq, &guard.listen.octets()[..]));
+        match_dport(&mut r, Proto::Udp, guard.port);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Saddr,
+        )));
+        r.add_expr(&UpdateWithLimit {
+            set_name: askers.get_name().to_owned(),
+            set_id: askers.get_id(),
+            rate: u64::from(guard.rate),
+            burst: guard.rate,
+        });
+        r.add_expr(&Counter);
+        r.add_expr(&Verdict::Drop);
+        b.add(&r, MsgType::Add, "add the per-source query limit rule");
+        b.send()
+    }
+
     fn remove(&self) -> Result<(), FirewallError> {
         let table = Table::new(table_name(), ProtoFamily::Inet);
         let mut b = Messages::new();
@@ -382,6 +442,73 @@ impl Expression for LookupNot {
                 libc::NFT_LOOKUP_F_INV as u32,
             );
             expr
+        }
+    }
+}
+
+/// How long a source's bucket is kept after its last query.
+const ASKER_TIMEOUT_MS: u64 = 60_000;
+
+/// `update @set { <key in reg 1> limit rate over <rate>/second burst <burst> packets }`: one
+/// token bucket per key, made on its first packet (nft's `meter`). nftnl 0.9 has neither the
+/// dynset nor the limit expression; these are libnftnl's.
+struct UpdateWithLimit {
+    set_name: CString,
+    set_id: u32,
+    rate: u64,
+    burst: u32,
+}
+
+impl Expression for UpdateWithLimit {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: as for FibDaddrType. The limit expression is handed to the dynset, which
+        // owns (and frees) it from then on; the set name is copied.
+        unsafe {
+            let (Some(limit), Some(dynset)) = (
+                NonNull::new(sys::nftnl_expr_alloc(c"limit".as_ptr())),
+                NonNull::new(sys::nftnl_expr_alloc(c"dynset".as_ptr())),
+            ) else {
+                std::process::abort();
+            };
+            let l = limit.as_ptr();
+            sys::nftnl_expr_set_u64(l, sys::NFTNL_EXPR_LIMIT_RATE as u16, self.rate);
+            sys::nftnl_expr_set_u64(l, sys::NFTNL_EXPR_LIMIT_UNIT as u16, 1);
+            sys::nftnl_expr_set_u32(l, sys::NFTNL_EXPR_LIMIT_BURST as u16, self.burst);
+            sys::nftnl_expr_set_u32(
+                l,
+                sys::NFTNL_EXPR_LIMIT_TYPE as u16,
+                libc::NFT_LIMIT_PKTS as u32,
+            );
+            sys::nftnl_expr_set_u32(
+                l,
+                sys::NFTNL_EXPR_LIMIT_FLAGS as u16,
+                libc::NFT_LIMIT_F_INV as u32,
+            );
+            let d = dynset.as_ptr();
+            sys::nftnl_expr_set_u32(
+                d,
+                sys::NFTNL_EXPR_DYNSET_SREG_KEY as u16,
+                libc::NFT_REG_1 as u32,
+            );
+            sys::nftnl_expr_set_u32(
+                d,
+                sys::NFTNL_EXPR_DYNSET_OP as u16,
+                libc::NFT_DYNSET_OP_UPDATE as u32,
+            );
+            sys::nftnl_expr_set_u64(d, sys::NFTNL_EXPR_DYNSET_TIMEOUT as u16, ASKER_TIMEOUT_MS);
+            sys::nftnl_expr_set_str(
+                d,
+                sys::NFTNL_EXPR_DYNSET_SET_NAME as u16,
+                self.set_name.as_ptr(),
+            );
+            sys::nftnl_expr_set_u32(d, sys::NFTNL_EXPR_DYNSET_SET_ID as u16, self.set_id);
+            sys::nftnl_expr_set(
+                d,
+                sys::NFTNL_EXPR_DYNSET_EXPR as u16,
+                l as *const libc::c_void,
+                0,
+            );
+            dynset
         }
     }
 }

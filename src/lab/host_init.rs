@@ -113,12 +113,60 @@ fn setup(init: &HostInit) -> Result<(), String> {
         ),
     )?;
     remount_sys()?;
+    host_resolv_conf()?;
     for (dir, mode) in [("/run/lock", 0o1777), ("/run/vxnet", 0o755)] {
         std::fs::create_dir(dir).map_err(|e| format!("creating {dir}: {e}"))?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
             .map_err(|e| format!("chmod {dir}: {e}"))?;
     }
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// The host's own resolv.conf, as a VM has: the lab's resolver in the outside namespace (not
+/// the machine's, which the lab's hosts cannot reach).
+fn host_resolv_conf() -> Result<(), String> {
+    let text = format!(
+        "# vxnet lab host: the lab's resolver, in the outside namespace\nnameserver {}\n",
+        super::hosts::OUTSIDE_RESOLVER
+    );
+    let etc = Path::new("/etc/resolv.conf");
+    // systemd-resolved's /etc/resolv.conf is a link into /run: this host's /run is its own
+    // (fresh) one, so the link's target is written there and the machine's file is untouched.
+    if let Ok(target) = std::fs::read_link(etc) {
+        // Lexically: `../run/…` from /etc (the target need not exist here yet).
+        let mut abs = PathBuf::from("/etc");
+        for c in target.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    abs.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => abs.push(other),
+            }
+        }
+        let target = abs;
+        if target.starts_with("/run") {
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            }
+            return std::fs::write(&target, text)
+                .map_err(|e| format!("writing {}: {e}", target.display()));
+        }
+    }
+    let resolv = Path::new("/run/resolv.conf");
+    std::fs::write(resolv, text).map_err(|e| format!("writing {}: {e}", resolv.display()))?;
+    step(
+        || "binding /run/resolv.conf on /etc/resolv.conf".into(),
+        mount(
+            Some(resolv),
+            "/etc/resolv.conf",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+    )?;
     Ok(())
 }
 

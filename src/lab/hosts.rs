@@ -62,6 +62,10 @@ pub const DEFAULT_PRIVATE_DIRS: &[&str] = &[
 ];
 /// The "outside" address (a documentation network, RFC 5737) every lab host can reach.
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The lab's "upstream" resolver address, also in the outside namespace: every host's
+/// /etc/resolv.conf names it, as a VM's names its network's resolver. Nothing answers there
+/// unless a test or an operator starts a resolver on it (`lab exec outside …`).
+pub const OUTSIDE_RESOLVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
 /// The outside network, routed on-link from every host.
 pub const OUTSIDE_NET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24) {
     Ok(n) => n,
@@ -1202,6 +1206,11 @@ async fn wire_outside(
         .execute()
         .await
         .map_err(netlink_err(format!("outside: address {OUTSIDE_ADDR}")))?;
+    oh.address()
+        .add(eth0, IpAddr::V4(OUTSIDE_RESOLVER), OUTSIDE_NET.prefix_len())
+        .execute()
+        .await
+        .map_err(netlink_err(format!("outside: address {OUTSIDE_RESOLVER}")))?;
     oh.link()
         .set(LinkUnspec::new_with_index(eth0).up().build())
         .execute()

@@ -291,6 +291,13 @@ mod tests {
             self.note("remove");
             Ok(())
         }
+        fn guard_dns(
+            &self,
+            _: &crate::firewall::DnsGuard,
+        ) -> Result<(), crate::firewall::FirewallError> {
+            self.note("guard_dns");
+            Ok(())
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,8 @@ pub struct Reconciler {
     plugin_ports: Option<Arc<dyn PluginPorts>>,
     /// The cluster store's members (IP literals only): no container may reach them.
     store: Vec<std::net::SocketAddrV4>,
+    /// The name server, when DNS is on: it listens in every sandbox this host programs.
+    dns: std::sync::OnceLock<Arc<crate::dns::DnsServer>>,
 }
 impl Reconciler {
     pub fn new(
@@ -144,7 +146,19 @@ impl Reconciler {
             firewall_stopped: Arc::new(Mutex::new(false)),
             plugin_ports: None,
             store: Vec::new(),
+            dns: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves names in every sandbox from now on (set once, before the first attach: the
+    /// sandbox's br0 gets the name server's address only when it is set).
+    pub fn with_dns(self, dns: Arc<crate::dns::DnsServer>) -> Self {
+        let _ = self.dns.set(dns);
+        self
+    }
+
+    pub fn dns(&self) -> Option<&Arc<crate::dns::DnsServer>> {
+        self.dns.get()
     }
 
     /// Keeps `ports` (and their sandboxes) through resyncs and detaches.
@@ -221,6 +235,7 @@ impl Reconciler {
             mtu: self.mtu_for(net).await?,
             vxlan_port: VXLAN_PORT,
             underlay,
+            service_address: self.dns.get().map(|_| crate::dns::LISTEN_ADDR),
         })
     }
 
@@ -245,7 +260,7 @@ impl Reconciler {
         out
     }
 
-    fn endpoint_spec(att: &Attachment) -> Result<EndpointSpec, Error> {
+    fn endpoint_spec(&self, att: &Attachment) -> Result<EndpointSpec, Error> {
         Ok(EndpointSpec {
             host_ifname: att.host_ifname(),
             container_ifname: att.ifname.clone(),
@@ -255,6 +270,10 @@ impl Reconciler {
             mtu: att.mtu,
             // Only an overlay without a gateway bridge beside it carries the default route.
             default_gateway: att.default_route.then_some(att.gateway),
+            // The name server is asked through the first interface (its resolv.conf says
+            // where); the address is on br0 of every network's sandbox.
+            host_route: (self.dns.get().is_some() && att.ifname == "eth0")
+                .then_some(crate::dns::LISTEN_ADDR),
         })
     }
 }

@@ -25,6 +25,9 @@ pub(super) struct Programmed {
     /// This host's endpoints in the sandbox (sandbox-side veth names): when the last one
     /// goes, so does the sandbox.
     pub(super) endpoints: BTreeSet<String>,
+    /// The name server's sockets in the sandbox (none when DNS is off or could not listen;
+    /// the network's next reconcile tries again).
+    pub(super) dns: Option<crate::dns::Listener>,
 }
 
 /// One network's programmed state on this host (`None`: no sandbox). Each network has its
@@ -69,14 +72,51 @@ impl Reconciler {
             let peers = self.view.with(|v| self.desired_peers(v, &net.id));
             let list: Vec<Peer> = peers.values().copied().collect();
             dataplane::add_peers(&sandbox, &list).await?;
+            let dns = self.dns_listener(&net.id, &sandbox, None);
             *slot = Some(Programmed {
                 sandbox: Arc::new(sandbox),
                 peers,
                 endpoints: BTreeSet::new(),
+                dns,
             });
         }
         slot.as_mut()
             .ok_or_else(|| Error::conflict("sandbox vanished while being programmed"))
+    }
+
+    /// The name server's sockets for a network's sandbox: `old` if they live in it, new ones
+    /// otherwise. A failure to listen costs that network its names, not its traffic.
+    fn dns_listener(
+        &self,
+        net: &NetworkId,
+        sandbox: &Sandbox,
+        old: Option<crate::dns::Listener>,
+    ) -> Option<crate::dns::Listener> {
+        let server = self.dns.get()?;
+        if let Some(old) = old.filter(|l| l.is_in(sandbox.ns())) {
+            return Some(old);
+        }
+        let guard = crate::firewall::DnsGuard {
+            listen: crate::dns::LISTEN_ADDR,
+            port: crate::dns::PORT,
+            rate: crate::dns::limit::PER_SOURCE_RATE as u32,
+            sources: 4096,
+        };
+        let firewall = self.firewall.clone();
+        let guarded = sandbox
+            .ns()
+            .run(move || firewall.guard_dns(&guard).map_err(std::io::Error::other));
+        if let Err(e) = guarded {
+            // The server's own per-endpoint limit still holds; only the kernel queue is shared.
+            tracing::warn!(network = net.short(), error = %e, "cannot program the name server's per-source limit");
+        }
+        match server.listen(net, sandbox.ns()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(network = net.short(), error = %e, "name server not serving this network");
+                None
+            }
+        }
     }
 
     /// Programs one container interface: the network's sandbox (made if missing), a veth
@@ -92,7 +132,7 @@ impl Reconciler {
         let programmed = self.ensure_programmed(&mut programmed, net).await?;
         // Counted before the kernel work, so a failure half-way still gets cleaned up by detach.
         programmed.endpoints.insert(att.host_ifname());
-        dataplane::ensure_endpoint(&programmed.sandbox, container, &Self::endpoint_spec(att)?)
+        dataplane::ensure_endpoint(&programmed.sandbox, container, &self.endpoint_spec(att)?)
             .await?;
         Ok(())
     }
@@ -223,7 +263,7 @@ impl Reconciler {
         for (netns, att) in &attachments {
             match NetNs::open(netns) {
                 Ok(ns) => {
-                    dataplane::ensure_endpoint(&sandbox, &ns, &Self::endpoint_spec(att)?).await?;
+                    dataplane::ensure_endpoint(&sandbox, &ns, &self.endpoint_spec(att)?).await?;
                     out.endpoints_repaired += 1;
                 }
                 Err(e) => tracing::warn!(netns = %netns.display(), error = %e,
@@ -247,10 +287,13 @@ impl Reconciler {
         apply_plan(&sandbox, &plan).await?;
         out.peers_removed = plan.stale.len();
         out.peers_added = plan.fresh.len();
+        let dns = programmed.take().and_then(|mut p| p.dns.take());
+        let dns = self.dns_listener(net_id, &sandbox, dns);
         *programmed = Some(Programmed {
             sandbox: Arc::new(sandbox),
             peers: want,
             endpoints: ours.into_iter().collect(),
+            dns,
         });
         Ok(out)
     }

@@ -188,6 +188,7 @@ mod tests {
                 ip,
                 mac: Mac::from_ipv4(ip),
                 created: String::new(),
+                aliases: Vec::new(),
             };
             let key = self.keys.endpoint(&self.net, id);
             self.put(key, serde_json::to_vec(&ep).unwrap());

@@ -21,6 +21,10 @@ use crate::store::keys::KeyKind;
 use crate::store::{KeyValue, Keys, Store, StoreError, WatchEvent};
 use crate::validate::{self, RecordKind, Rejection};
 
+mod names;
+pub use names::answers_to;
+use names::NameIndex;
+
 /// What the daemon knows of the cluster at one store revision.
 #[derive(Debug, Default, Clone)]
 pub struct ClusterView {
@@ -35,6 +39,8 @@ pub struct ClusterView {
     /// Each network's endpoints by overlay address: the reconciler looks a changed address
     /// up here instead of scanning the network. IPAM keeps addresses unique per network.
     by_ip: HashMap<NetworkId, HashMap<Ipv4Addr, EndpointId>>,
+    /// Each network's endpoints by DNS name and alias (the name server's lookups).
+    names: NameIndex,
     /// What changed for remote-endpoint programming since the reconciler last took it.
     peer_changes: PeerChanges,
     /// Records in the store that failed admission (see `validate`), by key: none of them is
@@ -326,11 +332,14 @@ impl ClusterView {
         self.peer_changes.touch(&net, ep.ip);
         let by_ip = self.by_ip.entry(net.clone()).or_default();
         by_ip.insert(ep.ip, id.clone());
-        let old = self
-            .endpoints
-            .entry(net.clone())
-            .or_default()
-            .insert(id.clone(), ep);
+        let eps = self.endpoints.entry(net.clone()).or_default();
+        let old = eps.insert(id.clone(), ep);
+        if let Some(old) = &old {
+            self.names.remove(&net, old);
+        }
+        if let Some(new) = eps.get(&id) {
+            self.names.insert(&net, new);
+        }
         if let Some(old) = old {
             self.forget_ip(&net, &id, old.ip);
         }
@@ -343,6 +352,7 @@ impl ClusterView {
         if eps.is_empty() {
             self.endpoints.remove(net);
         }
+        self.names.remove(net, &old);
         self.forget_ip(net, id, old.ip);
         Some(old.ip)
     }
@@ -373,6 +383,26 @@ impl ClusterView {
     pub fn endpoint_at(&self, net: &NetworkId, ip: Ipv4Addr) -> Option<&Endpoint> {
         let id = self.by_ip.get(net)?.get(&ip)?;
         self.endpoints.get(net)?.get(id)
+    }
+
+    /// The endpoints of `net` answering to `name` (their name or an alias, in any ASCII
+    /// case), in the order they were first seen.
+    pub fn endpoints_named<'a>(
+        &'a self,
+        net: &NetworkId,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        let eps = self.endpoints.get(net);
+        self.names
+            .candidates(net, name)
+            .iter()
+            .filter_map(move |id| eps?.get(id))
+            .filter(move |ep| answers_to(ep, name))
+    }
+
+    /// How many (network, name) entries the name index holds.
+    pub fn name_count(&self) -> usize {
+        self.names.entries()
     }
 
     /// Takes what changed for peer programming since the last call.
@@ -607,6 +637,7 @@ mod tests {
             ip,
             mac: mac.unwrap_or(Mac::from_ipv4(ip)),
             created: String::new(),
+            aliases: Vec::new(),
         }
     }
 
@@ -733,5 +764,46 @@ mod tests {
         );
         assert_eq!(view.rejected().len(), 1);
         assert_eq!(view.rejections(), 1);
+    }
+
+    #[test]
+    fn names_follow_their_endpoints_through_re_puts_and_deletes() {
+        let keys = Keys::new("/t/");
+        let net = network("10.0.4.0/24", 4096);
+        let mut view = ClusterView::from_kvs(
+            &keys,
+            &[kv(keys.network(&net.id), serde_json::to_vec(&net).unwrap())],
+            1,
+        );
+        let names = |v: &ClusterView, n: &str| {
+            v.endpoints_named(&net.id, n)
+                .map(|e| e.ip)
+                .collect::<Vec<_>>()
+        };
+        let mut a = endpoint(&net, [10, 0, 4, 2], None);
+        a.name = "web1".into();
+        a.aliases = vec!["web".into()];
+        let mut b = endpoint(&net, [10, 0, 4, 3], None);
+        b.name = "web2".into();
+        b.aliases = vec!["Web".into()];
+        view.apply(&keys, &put_ep(&keys, &a));
+        view.apply(&keys, &put_ep(&keys, &b));
+        assert_eq!(names(&view, "WEB"), vec![a.ip, b.ip]);
+        assert_eq!(names(&view, "web1"), vec![a.ip]);
+        // Re-put without the alias: the old name goes, the new one comes.
+        a.aliases = vec!["api".into()];
+        view.apply(&keys, &put_ep(&keys, &a));
+        assert_eq!(names(&view, "web"), vec![b.ip]);
+        assert_eq!(names(&view, "api"), vec![a.ip]);
+        view.apply(
+            &keys,
+            &WatchEvent::Delete {
+                key: keys.endpoint(&net.id, &b.id),
+                mod_revision: 5,
+            },
+        );
+        assert!(names(&view, "web").is_empty());
+        assert!(names(&view, "web2").is_empty());
+        assert_eq!(view.name_count(), 2, "web1 and api");
     }
 }
