@@ -2,6 +2,8 @@
 //! network namespace (see `vxnet::lab::LocalCluster`), gone when the test ends.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::path::PathBuf;
 
 use vxnet::lab::{LocalCluster, LocalClusterOptions};
