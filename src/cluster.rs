@@ -882,6 +882,53 @@ impl Cluster {
         Err(Error::Contention(format!("reclaiming {}", endpoint.ip)))
     }
 
+    /// Replaces the DNS name and aliases of one of this node's endpoints (Docker's container
+    /// name, learned after the endpoint was made). Returns whether the record changed.
+    pub async fn set_endpoint_names(
+        &self,
+        net: &NetworkId,
+        id: &model::EndpointId,
+        name: &str,
+        aliases: &[String],
+    ) -> Result<bool, Error> {
+        validate_name("endpoint", name)?;
+        crate::validate::check_aliases(aliases)?;
+        let key = self.keys.endpoint(net, id);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(Error::EndpointNotFound(id.short().to_string()));
+            };
+            let mut ep: Endpoint = parse_json(&kv)?;
+            if ep.node_id != self.node_id {
+                return Err(Error::ForeignEndpoint {
+                    endpoint: id.short().to_string(),
+                    owner: ep.node_id.short().to_string(),
+                });
+            }
+            if ep.name == name && ep.aliases == aliases {
+                return Ok(false);
+            }
+            ep.name = name.to_string();
+            ep.aliases = aliases.to_vec();
+            // Same lease: the record still goes with this node's.
+            let outcome = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    vec![Op::put_leased(key.clone(), to_json(&ep), kv.lease)],
+                    vec![],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(Error::Contention(format!(
+            "renaming endpoint {}",
+            id.short()
+        )))
+    }
+
     /// Deletes an endpoint and releases its address, atomically.
     pub async fn delete_endpoint(
         &self,

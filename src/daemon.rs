@@ -204,6 +204,14 @@ pub async fn run(
             let listener = bind_socket(&pc.socket, None).await?;
             tracing::info!(socket = %pc.socket.display(), scope = %pc.scope,
                 "serving Docker's network and IPAM plugin protocols");
+            if reconciler.dns().is_some() {
+                let names = crate::docker::names::NameWatcher::new(
+                    pc.engine.clone(),
+                    cluster.clone(),
+                    plugin_state.clone(),
+                );
+                tokio::spawn(names.run());
+            }
             let app = crate::docker::server::router(plugin.clone());
             let server = tokio::spawn(async move { axum::serve(listener, app).await });
             (Some(plugin), Some(server))

@@ -98,3 +98,107 @@ async fn containers_find_each_other_by_name_alias_and_network_on_any_host() {
         ask(&ns, "c3b.n1.", RecordType::A).metadata.response_code == ResponseCode::NXDomain
     });
 }
+
+/// A Docker container on a vxnet network (Docker 20.10 engines, `--dns 169.254.53.53`: the
+/// one engine-wide setting) and `vxnet run` containers find each other by name across hosts,
+/// both ways; Docker's own names (container name, `--network-alias`) are learned from the
+/// engine's API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_containers_and_vxnet_run_containers_resolve_each_other_across_hosts() {
+    use vxnet::lab::{DockerOptions, TEST_IMAGE};
+    let lab = TestLab::up(3).await;
+    let opts = DockerOptions {
+        extra_args: vec!["--dns".into(), vxnet::dns::LISTEN_ADDR.to_string()],
+        ..Default::default()
+    };
+    lab.start_docker(&["vm2", "vm3"], &opts).await;
+    for h in ["vm2", "vm3"] {
+        lab.docker_ok(
+            h,
+            &[
+                "network",
+                "create",
+                "-d",
+                "vxnet",
+                "--ipam-driver",
+                "vxnet",
+                "--subnet",
+                "10.0.33.0/24",
+                "-o",
+                "vxnet.network=dnet",
+                "dnet",
+            ],
+        );
+    }
+    lab.docker_ok(
+        "vm3",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "w3",
+            "--network-alias",
+            "api",
+            "--net",
+            "dnet",
+            TEST_IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    let w3 = lab.docker_ok(
+        "vm3",
+        &[
+            "inspect",
+            "-f",
+            "{{(index .NetworkSettings.Networks \"dnet\").IPAddress}}",
+            "w3",
+        ],
+    );
+    lab.docker_ok(
+        "vm2",
+        &[
+            "run", "-d", "--name", "d2", "--net", "dnet", TEST_IMAGE, "sleep", "600",
+        ],
+    );
+    lab.vx(
+        "vm2",
+        &[
+            "run", "-d", "--name", "v2", "--net", "dnet", "--", "sleep", "3600",
+        ],
+    );
+    let v3 = {
+        lab.vx(
+            "vm3",
+            &[
+                "run", "-d", "--name", "v3", "--net", "dnet", "--", "sleep", "3600",
+            ],
+        );
+        lab.overlay_ip("vm3", "v3")
+    };
+
+    // vxnet run → Docker: the Docker container's name and alias, once vm3 has learned them.
+    let v2 = lab.container_ns("vm2", "v2");
+    for name in ["w3.", "api.", "w3.dnet."] {
+        wait_for(Duration::from_secs(20), &format!("{name} from v2"), || {
+            a_records(&ask(&v2, name, RecordType::A)) == vec![ip(&w3)]
+        });
+    }
+    let (ok, out) = getent(&lab, "vm2", "v2", &["hosts", "w3"]);
+    assert!(
+        ok && out.starts_with(&format!("{w3} ")),
+        "w3 from v2: {out}"
+    );
+
+    // Docker → vxnet run, and Docker → Docker across hosts, through Docker's embedded DNS
+    // (127.0.0.11), which asks vxnet's for what it does not know.
+    for (name, want) in [("v3", &v3), ("w3", &w3), ("api", &w3)] {
+        let out = lab.docker("vm2", &["exec", "d2", "nslookup", name]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(want.as_str()),
+            "nslookup {name} in d2: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -60,6 +60,14 @@ pub struct DaemonArgs {
     /// every host) or global (engines started with --cluster-store: create once).
     #[arg(long, default_value = "local", requires = "docker_plugin")]
     docker_scope: crate::docker::Scope,
+    /// The local Docker engine's API, where Docker containers' names and network aliases
+    /// are learned for the name server.
+    #[arg(
+        long,
+        default_value = "unix:///var/run/docker.sock",
+        requires = "docker_plugin"
+    )]
+    docker_host: String,
     /// Container network namespaces kept ready ahead of `run` (each saves a create 1-2 ms;
     /// 0 makes every one on demand).
     #[arg(long, default_value_t = crate::container::nspool::DEFAULT_SIZE)]
@@ -115,6 +123,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         docker_plugin: args.docker_plugin.then_some(crate::docker::PluginConfig {
             socket: args.docker_plugin_socket,
             scope: args.docker_scope,
+            engine: PathBuf::from(
+                args.docker_host
+                    .strip_prefix("unix://")
+                    .unwrap_or(&args.docker_host),
+            ),
         }),
         netns_pool: args.netns_pool,
         dns: args.dns.then_some(args.resolv_conf),

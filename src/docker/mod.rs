@@ -6,6 +6,7 @@
 //! operations and data plane, `state.rs` keeps what must survive a daemon restart, and
 //! `server.rs` serves it all on the plugin socket Docker discovers.
 
+pub mod names;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
@@ -78,4 +79,6 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct PluginConfig {
     pub socket: PathBuf,
     pub scope: Scope,
+    /// The local engine's API socket, where containers' names are learned (`--docker-host`).
+    pub engine: PathBuf,
 }
