@@ -280,6 +280,13 @@ impl Registry {
     }
 }
 
+/// vxnet's own containers: the name server's scope for their endpoints.
+impl crate::dns::ContainerScope for Registry {
+    fn networks_of(&self, endpoint: &EndpointId) -> Option<Vec<NetworkId>> {
+        self.container_networks(endpoint)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,6 @@ use tokio::task::{AbortHandle, JoinSet};
 pub mod answer;
 pub mod forward;
 pub mod limit;
-mod scope;
 
 pub use answer::{Asker, Decision, Transport};
 use forward::Upstreams;
@@ -229,8 +228,8 @@ impl DnsServer {
     /// The networks whose names `endpoint` may see: its container's, or its own alone.
     fn scope_of(&self, net: &NetworkId, endpoint: &EndpointId) -> Vec<NetworkId> {
         let scopes = match self.scopes.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
         };
         scopes
             .iter()

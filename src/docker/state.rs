@@ -142,6 +142,11 @@ impl<T: Clone + Serialize + DeserializeOwned> RecordDir<T> {
     pub fn list(&self) -> Vec<T> {
         self.lock().values().cloned().collect()
     }
+
+    /// Runs `f` over the records without copying them.
+    pub fn with<R>(&self, f: impl FnOnce(&BTreeMap<String, T>) -> R) -> R {
+        f(&self.lock())
+    }
 }
 
 /// Everything the plugin keeps, under `<state-dir>/docker/`.
@@ -165,17 +170,26 @@ impl PluginState {
     /// The vxnet networks of the Docker container that joined `endpoint`, if it is one of
     /// this plugin's.
     pub fn container_networks(&self, endpoint: &Id) -> Option<Vec<NetworkId>> {
-        let all = self.endpoints.list();
-        let own = all.iter().find(|r| &r.endpoint.id == endpoint)?;
-        let Some(key) = own.sandbox_key.as_ref() else {
-            return Some(vec![own.endpoint.network_id.clone()]);
-        };
-        Some(
-            all.iter()
-                .filter(|r| r.joined && r.sandbox_key.as_ref() == Some(key))
-                .map(|r| r.endpoint.network_id.clone())
-                .collect(),
-        )
+        self.endpoints.with(|all| {
+            // Docker's endpoint ID is the record's key.
+            let own = all.get(endpoint.as_str())?;
+            let Some(key) = own.sandbox_key.as_ref() else {
+                return Some(vec![own.endpoint.network_id.clone()]);
+            };
+            Some(
+                all.values()
+                    .filter(|r| r.joined && r.sandbox_key.as_ref() == Some(key))
+                    .map(|r| r.endpoint.network_id.clone())
+                    .collect(),
+            )
+        })
+    }
+}
+
+/// Docker's containers: the name server's scope for their endpoints.
+impl crate::dns::ContainerScope for PluginState {
+    fn networks_of(&self, endpoint: &Id) -> Option<Vec<NetworkId>> {
+        self.container_networks(endpoint)
     }
 }
 

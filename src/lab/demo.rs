@@ -256,6 +256,17 @@ async fn walk(d: &mut Demo) -> Result<(), LabError> {
                 out.status.success() && text(&out).contains(" 0% packet loss"),
                 &format!("ping c2 -> c3 ({ip}): 0% packet loss"),
             );
+            // What the seed's users expected: the name, from vxnet's name server.
+            let out = d.sh(
+                "vm2",
+                &[
+                    "vxnet", "exec", "c2", "--", "ping", "-c", "1", "-W", "2", "c3",
+                ],
+            )?;
+            d.check(
+                out.status.success() && text(&out).contains(&format!("({ip})")),
+                &format!("ping c3 by name from c2: c3 resolves to {ip} and answers"),
+            );
         }
         None => d.check(false, "c3's address shown by `vxnet ps` on vm3"),
     }

@@ -315,10 +315,21 @@ impl ClusterView {
 
     fn put_endpoint(&mut self, net: NetworkId, id: EndpointId, mut ep: Endpoint) {
         // Share the IDs' text with the keys already held (the same values): at tens of
-        // thousands of endpoints, three copies of 64-character IDs each add up.
+        // thousands of endpoints, three copies of 64-character IDs each add up. A re-put
+        // keeps the copy the map already holds as its key.
+        let id = match self
+            .endpoints
+            .get(&net)
+            .and_then(|eps| eps.get_key_value(&id))
+        {
+            Some((held, _)) => held.clone(),
+            None => id,
+        };
         if ep.id == id {
             ep.id = id.clone();
         }
+        // Decoded lists grow by doubling: a one-alias list would keep room for four.
+        ep.aliases.shrink_to_fit();
         if let Some((known, _)) = self.nodes.get_key_value(&ep.node_id) {
             ep.node_id = known.clone();
         }
@@ -530,6 +541,8 @@ async fn run_watcher(
             match store.list(keys.prefix()).await {
                 Ok(listing) => {
                     let fresh = ClusterView::from_kvs(&keys, &listing.kvs, listing.revision);
+                    let listed = listing.kvs.len();
+                    drop(listing);
                     let rev = fresh.revision;
                     if let Ok(mut v) = view.write() {
                         *v = fresh;
@@ -539,6 +552,9 @@ async fn run_watcher(
                     revision.send_replace(rev);
                     need_list = false;
                     backoff.reset();
+                    if listed >= TRIM_AFTER_EVENTS {
+                        release_freed_memory();
+                    }
                     tracing::debug!(revision = rev, "cluster view listed");
                 }
                 Err(e) => {
@@ -557,10 +573,24 @@ async fn run_watcher(
                 continue;
             }
         };
-        while let Some(batch) = stream.next().await {
+        let mut since_trim = 0usize;
+        loop {
+            let batch = match tokio::time::timeout(QUIET, stream.next()).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(_) => {
+                    // The store went quiet after a burst: hand what decoding it freed back.
+                    if since_trim >= TRIM_AFTER_EVENTS {
+                        release_freed_memory();
+                        since_trim = 0;
+                    }
+                    continue;
+                }
+            };
             match batch {
                 Ok(batch) => {
                     backoff.reset();
+                    since_trim += batch.events.len();
                     if let Ok(mut v) = view.write() {
                         for ev in &batch.events {
                             v.apply(&keys, ev);
@@ -585,6 +615,22 @@ async fn run_watcher(
                 }
             }
         }
+    }
+}
+
+/// A watch this long without an event counts as quiet.
+const QUIET: Duration = Duration::from_secs(1);
+/// Events applied before a quiet store is worth a trim of the heap.
+const TRIM_AFTER_EVENTS: usize = 4096;
+
+/// Gives the allocator's free memory back to the system. A burst of tens of thousands of
+/// events (a host with many containers joining, a re-list) leaves the decoding's buffers
+/// freed but still counted in RSS, spread over the worker threads' arenas.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
