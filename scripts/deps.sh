@@ -38,6 +38,8 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 # state of the interfaces it measures (read only, never changed).
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ethtool >/dev/null || need+=(ethtool)
+# The DNS benchmark's second anchor: Podman's name server.
+[ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
 # bench/run draws its charts with the system python's matplotlib (VXNET_DEPS_CHARTS=1).
 if [ "${VXNET_DEPS_CHARTS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
   need+=(python3-matplotlib)
