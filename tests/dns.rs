@@ -97,6 +97,31 @@ async fn containers_find_each_other_by_name_alias_and_network_on_any_host() {
     wait_for(Duration::from_secs(60), "vm3's names gone on vm2", || {
         ask(&ns, "c3b.n1.", RecordType::A).metadata.response_code == ResponseCode::NXDomain
     });
+
+    // `lab down` ends the containers too, though each runs in a mount namespace of its own.
+    // Bound from the lab dir's hosts/…: how mountinfo names a mount of a lab host's.
+    let hosts = format!("/{}/hosts/", lab.lab.name());
+    drop(ns);
+    drop(ins);
+    lab.lab.down().expect("lab down");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("mountinfo")).is_ok_and(|m| m.contains(&hosts))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes left in the lab's hosts: {left:?}"
+    );
 }
 
 /// A Docker container on a vxnet network (Docker 20.10 engines, `--dns 169.254.53.53`: the

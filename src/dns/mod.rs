@@ -52,6 +52,31 @@ const MAX_TCP_CONNECTIONS: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The largest query read over UDP; longer datagrams are cut and so refused as malformed.
 const UDP_BUFFER: usize = 4096;
+/// The socket's queue: a second of every container's allowed rate, so a burst the limit lets
+/// through (or a pause of the daemon) does not crowd out other containers' queries.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Sets a socket's receive buffer, past net.core.rmem_max (the daemon has CAP_NET_ADMIN);
+/// the kernel's default stays if neither option is allowed.
+fn receive_buffer(sock: &std::net::UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket this function borrows, with a c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
 
 /// The networks of the container that owns a local endpoint: the names it may see.
 pub trait ContainerScope: Send + Sync {
@@ -209,6 +234,7 @@ impl DnsServer {
             .run(|| {
                 let udp = std::net::UdpSocket::bind(addr)?;
                 udp.set_nonblocking(true)?;
+                receive_buffer(&udp, UDP_RECEIVE_BUFFER);
                 let tcp = std::net::TcpListener::bind(addr)?;
                 tcp.set_nonblocking(true)?;
                 Ok((udp, tcp))

@@ -1674,6 +1674,18 @@ async fn wait_daemon(
 /// Removes a lab, whatever state it is in: stops the processes recorded in `lab.json` (after
 /// checking each PID's start time), unmounts and deletes its namespace files, removes its
 /// directory. Missing pieces are fine, so it can run twice or after a crash.
+/// Everything running inside the lab's hosts: in a host's mount namespace, or in one made
+/// from it (a `vxnet run` container's), which still holds the host's private directories.
+fn lab_guests(dir: &Path, host_mnt: &[(u64, u64)], ours: &[u32]) -> Vec<ProcRecord> {
+    let mut guests = sys::processes_in_mount_ns(host_mnt, ours);
+    for g in sys::processes_with_mounts_from(&dir.join("hosts"), ours) {
+        if !guests.iter().any(|p| p.pid == g.pid) {
+            guests.push(g);
+        }
+    }
+    guests
+}
+
 fn teardown(dir: &Path) -> Result<DownReport, LabError> {
     let mut report = DownReport::default();
     if std::fs::symlink_metadata(dir).is_err() {
@@ -1710,7 +1722,7 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
             all.iter().copied().filter(|p| p.role != "etcd").collect(),
             all.iter().copied().filter(|p| p.role == "etcd").collect(),
         ];
-        let guests = sys::processes_in_mount_ns(&host_mnt, &ours);
+        let guests = lab_guests(dir, &host_mnt, &ours);
         phases.push(guests.iter().collect());
         phases.push(inits);
         for phase in phases {
@@ -1724,7 +1736,7 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         let late = super::docker::stop_containers_of_lab(state);
         report.stopped += late.stopped;
         report.stuck.extend(late.stuck);
-        let late_guests = sys::processes_in_mount_ns(&host_mnt, &ours);
+        let late_guests = lab_guests(dir, &host_mnt, &ours);
         let out = sys::stop(
             &late_guests.iter().collect::<Vec<_>>(),
             Duration::from_secs(5),

@@ -358,6 +358,63 @@ pub fn processes_in_mount_ns(inodes: &[(u64, u64)], except: &[u32]) -> Vec<ProcR
         .collect()
 }
 
+/// Processes whose mount table holds a mount bound from below `source` (field 4 of
+/// mountinfo, the mount's root within its filesystem): a lab host's private directories are
+/// bound that way in its mount namespace only, so this finds everything running in it and in
+/// any mount namespace made from it later (`vxnet run` containers unshare their own).
+pub fn processes_with_mounts_from(source: &Path, except: &[u32]) -> Vec<ProcRecord> {
+    let source = within_filesystem(source);
+    let Some(source) = source.to_str() else {
+        return Vec::new();
+    };
+    let prefix = format!("{}/", source.trim_end_matches('/'));
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !except.contains(pid))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|m| {
+                m.lines()
+                    .filter_map(|l| l.split(' ').nth(3))
+                    .any(|root| root.starts_with(&prefix))
+            })
+        })
+        .filter_map(|pid| {
+            let (start_time, _) = stat_of(pid)?;
+            Some(ProcRecord {
+                role: "guest".into(),
+                pid,
+                start_time,
+                argv: vec![],
+                log: PathBuf::new(),
+            })
+        })
+        .collect()
+}
+
+/// `path` as mountinfo's root field names it: relative to the root of the filesystem holding
+/// it (on a machine whose /run is a tmpfs, /run/x is /x there).
+fn within_filesystem(path: &Path) -> PathBuf {
+    let table = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+    let best = table
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let root = f.nth(3)?;
+            let point = f.next()?;
+            path.strip_prefix(point)
+                .ok()
+                .map(|rest| (point.len(), root, rest))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    match best {
+        Some((_, root, rest)) => Path::new(root).join(rest),
+        None => path.to_path_buf(),
+    }
+}
+
 /// The last `lines` lines of a log file, for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -35,10 +35,17 @@ pub fn udp_exchange(ns: &NetNs, packet: Vec<u8>, wait: Duration) -> std::io::Res
     })
 }
 
+/// One question over UDP, asked as a stub resolver does: again after 2 s without an answer
+/// (three tries; UDP may drop a datagram on a loaded machine).
 pub fn ask(ns: &NetNs, name: &str, qtype: RecordType) -> Message {
-    let bytes = udp_exchange(ns, query_bytes(name, qtype), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("no answer for {name} {qtype}: {e}"));
-    Message::from_vec(&bytes).unwrap()
+    let mut last = None;
+    for _ in 0..3 {
+        match udp_exchange(ns, query_bytes(name, qtype), Duration::from_secs(2)) {
+            Ok(bytes) => return Message::from_vec(&bytes).unwrap(),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no answer for {name} {qtype} in three tries: {last:?}")
 }
 
 pub fn ask_tcp(ns: &NetNs, name: &str, qtype: RecordType) -> Message {
