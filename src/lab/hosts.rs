@@ -141,7 +141,7 @@ impl LabOptions {
         }
         if self.etcd_members == 0
             || self.etcd_members > MAX_ETCD_MEMBERS
-            || self.etcd_members % 2 == 0
+            || self.etcd_members.is_multiple_of(2)
         {
             return Err(LabError::InvalidOption(format!(
                 "--etcd-members {}: use 1, 3 or 5 (an odd number keeps a majority after a failure)",
