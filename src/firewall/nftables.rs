@@ -48,12 +48,7 @@ impl Firewall for Nftables {
         let name = table_name();
         let table = Table::new(&name, ProtoFamily::Inet);
         let mut b = Messages::new();
-        // Make sure the table exists so that the delete cannot fail, delete it (and with it
-        // every chain and rule in it), then build it anew: one transaction, so packets see
-        // either the old table or the new one.
-        b.add(&table, MsgType::Add, "add table inet vxnet (if missing)");
-        b.add(&table, MsgType::Del, "delete table inet vxnet");
-        b.add(&table, MsgType::Add, "add table inet vxnet");
+        replace_table(&mut b, &table, TABLE);
 
         let bridge = ifname(&ruleset.bridge);
 
@@ -210,17 +205,7 @@ impl Firewall for Nftables {
         let name = CString::new(DNS_TABLE).unwrap_or_default();
         let table = Table::new(&name, ProtoFamily::Inet);
         let mut b = Messages::new();
-        b.add(
-            &table,
-            MsgType::Add,
-            format!("add table inet {DNS_TABLE} (if missing)"),
-        );
-        b.add(
-            &table,
-            MsgType::Del,
-            format!("delete table inet {DNS_TABLE}"),
-        );
-        b.add(&table, MsgType::Add, format!("add table inet {DNS_TABLE}"));
+        replace_table(&mut b, &table, DNS_TABLE);
         // set askers { type ipv4_addr; size N; flags dynamic,timeout; timeout 60s }
         let askers = Set::<Ipv4Addr>::new_named(c"askers", 1, &table, ProtoFamily::Inet);
         // SAFETY: the set is live; these setters copy integers into it.
@@ -271,6 +256,19 @@ impl Firewall for Nftables {
         b.add(&table, MsgType::Del, "delete table inet vxnet");
         b.send()
     }
+}
+
+/// Makes sure the table exists so that the delete cannot fail, deletes it (and with it every
+/// chain, set and rule in it), then adds it anew for the rest of the batch: one transaction,
+/// so packets see either the old table or the new one.
+fn replace_table(b: &mut Messages, table: &Table, name: &str) {
+    b.add(
+        table,
+        MsgType::Add,
+        format!("add table inet {name} (if missing)"),
+    );
+    b.add(table, MsgType::Del, format!("delete table inet {name}"));
+    b.add(table, MsgType::Add, format!("add table inet {name}"));
 }
 
 fn table_name() -> CString {

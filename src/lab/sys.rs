@@ -332,19 +332,15 @@ pub fn processes_in_netns(inodes: &[(u64, u64)]) -> Vec<u32> {
         .collect()
 }
 
-/// The processes (other than `except`) whose mount namespace is one of `inodes`: everything
-/// running inside a lab host, whoever started it there.
-pub fn processes_in_mount_ns(inodes: &[(u64, u64)], except: &[u32]) -> Vec<ProcRecord> {
+/// The processes (other than `except`) for which `pick(pid)` holds, as guests to stop.
+fn guests_where(except: &[u32], pick: impl Fn(u32) -> bool) -> Vec<ProcRecord> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| !except.contains(pid))
-        .filter(|pid| {
-            ns_inode(Path::new(&format!("/proc/{pid}/ns/mnt")))
-                .is_some_and(|ino| inodes.contains(&ino))
-        })
+        .filter(|pid| pick(*pid))
         .filter_map(|pid| {
             let (start_time, _) = stat_of(pid)?;
             Some(ProcRecord {
@@ -358,6 +354,14 @@ pub fn processes_in_mount_ns(inodes: &[(u64, u64)], except: &[u32]) -> Vec<ProcR
         .collect()
 }
 
+/// The processes (other than `except`) whose mount namespace is one of `inodes`: everything
+/// running inside a lab host, whoever started it there.
+pub fn processes_in_mount_ns(inodes: &[(u64, u64)], except: &[u32]) -> Vec<ProcRecord> {
+    guests_where(except, |pid| {
+        ns_inode(Path::new(&format!("/proc/{pid}/ns/mnt"))).is_some_and(|ino| inodes.contains(&ino))
+    })
+}
+
 /// Processes whose mount table holds a mount bound from below `source` (field 4 of
 /// mountinfo, the mount's root within its filesystem): a lab host's private directories are
 /// bound that way in its mount namespace only, so this finds everything running in it and in
@@ -368,30 +372,13 @@ pub fn processes_with_mounts_from(source: &Path, except: &[u32]) -> Vec<ProcReco
         return Vec::new();
     };
     let prefix = format!("{}/", source.trim_end_matches('/'));
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| !except.contains(pid))
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|m| {
-                m.lines()
-                    .filter_map(|l| l.split(' ').nth(3))
-                    .any(|root| root.starts_with(&prefix))
-            })
+    guests_where(except, |pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|m| {
+            m.lines()
+                .filter_map(|l| l.split(' ').nth(3))
+                .any(|root| root.starts_with(&prefix))
         })
-        .filter_map(|pid| {
-            let (start_time, _) = stat_of(pid)?;
-            Some(ProcRecord {
-                role: "guest".into(),
-                pid,
-                start_time,
-                argv: vec![],
-                log: PathBuf::new(),
-            })
-        })
-        .collect()
+    })
 }
 
 /// `path` as mountinfo's root field names it: relative to the root of the filesystem holding
