@@ -1710,12 +1710,21 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         // was coming up) is still in ours, the machine's: sweeping that one would signal
         // every process of the machine, other labs' inits starting up among them.
         let own_mnt = sys::ns_inode(Path::new("/proc/thread-self/ns/mnt"));
-        let host_mnt: Vec<(u64, u64)> = inits
+        // Held open until the last sweep below: a namespace's inode number is reused by the
+        // next namespace made once the last process in it is gone, and the inits are stopped
+        // before the last sweep (which would then match another lab's host starting up).
+        let held: Vec<(std::fs::File, (u64, u64))> = inits
             .iter()
             .filter(|p| p.is_alive())
-            .filter_map(|p| sys::ns_inode(Path::new(&format!("/proc/{}/ns/mnt", p.pid))))
-            .filter(|m| Some(*m) != own_mnt)
+            .filter_map(|p| {
+                use std::os::unix::fs::MetadataExt;
+                let f = std::fs::File::open(format!("/proc/{}/ns/mnt", p.pid)).ok()?;
+                let m = f.metadata().ok()?;
+                Some((f, (m.dev(), m.ino())))
+            })
+            .filter(|(_, m)| Some(*m) != own_mnt)
             .collect();
+        let host_mnt: Vec<(u64, u64)> = held.iter().map(|(_, m)| *m).collect();
         let mut ours: Vec<u32> = all.iter().chain(inits.iter()).map(|p| p.pid).collect();
         ours.push(std::process::id());
         let mut phases: Vec<Vec<&ProcRecord>> = vec![
@@ -1743,6 +1752,7 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         );
         report.stopped += out.stopped;
         report.stuck.extend(out.stuck);
+        drop(held);
     }
     let netns_dir = dir.join("netns");
     let ns_files: Vec<PathBuf> = std::fs::read_dir(&netns_dir)
