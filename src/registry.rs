@@ -45,6 +45,18 @@ pub struct Attachment {
     /// The endpoint's DNS aliases on this network (`--alias`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Whether the route to the name server (169.254.53.53) goes out of this interface: the
+    /// container's first overlay interface, which its resolv.conf reaches it through. Absent
+    /// in records from before it was kept: then eth0's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_route: Option<bool>,
+}
+
+impl Attachment {
+    /// See [`Attachment::dns_route`].
+    pub fn carries_dns_route(&self) -> bool {
+        self.dns_route.unwrap_or(self.ifname == "eth0")
+    }
 }
 
 /// The container's interface on this host's gateway bridge (Docker's docker_gwbridge): its
@@ -313,6 +325,7 @@ mod tests {
                 mtu: 1450,
                 default_route: false,
                 aliases: Vec::new(),
+                dns_route: None,
             }],
             auto_remove: false,
             gateway_attachment: None,

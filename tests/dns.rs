@@ -81,6 +81,28 @@ async fn containers_find_each_other_by_name_alias_and_network_on_any_host() {
         "c3 seen from n2"
     );
 
+    // A container on both networks sees both; when its first network goes, its route to the
+    // name server moves to the next interface.
+    run("vm2", "m2", "n1", None);
+    lab.vx(
+        "vm2",
+        &["network", "connect", "--alias", "both", "n2", "m2"],
+    );
+    let m2 = lab.container_ns("vm2", "m2");
+    assert_eq!(a_records(&ask(&m2, "s3.", RecordType::A)), vec![ip(&s3)]);
+    assert_eq!(a_records(&ask(&m2, "c3.", RecordType::A)), vec![ip(&c3)]);
+    lab.vx("vm2", &["network", "disconnect", "n1", "m2"]);
+    assert_eq!(a_records(&ask(&m2, "s3.n2.", RecordType::A)), vec![ip(&s3)]);
+    assert!(
+        a_records(&ask(&m2, "c3.", RecordType::A)).is_empty(),
+        "n1 is no longer m2's"
+    );
+    assert_eq!(
+        a_records(&ask(&ins, "both.", RecordType::A)).len(),
+        1,
+        "m2's alias on n2"
+    );
+
     // A new container: resolvable on vm2 as soon as its endpoint reaches vm2's view.
     let c3c = run("vm3", "c3c", "n1", None);
     wait_for(Duration::from_secs(10), "c3c resolvable on vm2", || {
@@ -103,6 +125,7 @@ async fn containers_find_each_other_by_name_alias_and_network_on_any_host() {
     let hosts = format!("/{}/hosts/", lab.lab.name());
     drop(ns);
     drop(ins);
+    drop(m2);
     lab.lab.down().expect("lab down");
     let left: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()

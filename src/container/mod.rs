@@ -309,6 +309,8 @@ impl ContainerService {
             mtu,
             default_route,
             aliases: aliases.to_vec(),
+            // The first overlay interface is the one resolv.conf's server is reached through.
+            dns_route: Some(!record.attachments.iter().any(Attachment::carries_dns_route)),
         };
         if let Err(e) = self.reconciler.attach(ns, net, &att).await {
             self.release(&att).await;
@@ -733,10 +735,34 @@ impl ContainerService {
                 network: network.to_string(),
             })?;
         let att = record.attachments.remove(pos);
+        // The name server's route leaves with its interface: the next overlay interface
+        // takes it over.
+        let heir = match att.carries_dns_route() {
+            true => record.attachments.first_mut().map(|next| {
+                next.dns_route = Some(true);
+                next.clone()
+            }),
+            false => None,
+        };
         self.registry
             .put(record.clone())
             .map_err(|e| Error::io("saving container record", e))?;
         self.release(&att).await;
+        if let Some(next) = heir {
+            let routed = async {
+                let ns = NetNs::open(&record.netns)
+                    .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
+                let net = self
+                    .resolve_network(next.network_id.as_str())
+                    .await?
+                    .network;
+                self.reconciler.attach(&ns, &net, &next).await
+            };
+            if let Err(e) = routed.await {
+                tracing::warn!(container = %record.name, error = %e,
+                    "cannot move the name server's route to the next interface; the next resync does");
+            }
+        }
         Ok(record)
     }
 

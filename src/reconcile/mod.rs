@@ -272,7 +272,7 @@ impl Reconciler {
             default_gateway: att.default_route.then_some(att.gateway),
             // The name server is asked through the first interface (its resolv.conf says
             // where); the address is on br0 of every network's sandbox.
-            host_route: (self.dns.get().is_some() && att.ifname == "eth0")
+            host_route: (self.dns.get().is_some() && att.carries_dns_route())
                 .then_some(crate::dns::LISTEN_ADDR),
         })
     }
