@@ -292,6 +292,7 @@ async fn start_up_resync(
     containers
         .recover(&DockerPlugin::owned_endpoints(&plugin_state))
         .await;
+    containers.watch_cni_namespaces();
     // From now on, every new lease (the first, and any after an expiry) re-claims this host's
     // endpoints under it.
     let mut leases = membership.leases();

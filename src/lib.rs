@@ -6,6 +6,7 @@ pub mod api;
 pub mod backoff;
 pub mod cli;
 pub mod cluster;
+pub mod cni;
 pub mod container;
 pub mod daemon;
 pub mod dataplane;

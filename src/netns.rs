@@ -111,6 +111,57 @@ impl NetNs {
         })
     }
 
+    /// Opens a network namespace that another program made and names by `path` (a CNI
+    /// runtime's `/proc/PID/ns/net` or `/run/netns/…`), refusing anything else: a plain file,
+    /// or another kind of namespace, would otherwise fail later in a confusing way.
+    pub fn open_foreign(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        // NS_GET_NSTYPE (_IO(0xb7, 0x3)): the kind of namespace an nsfs file is.
+        const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+        // SAFETY: the ioctl takes no argument and only reads the fd's inode.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a namespace ({e})", path.display()),
+            ));
+        }
+        if kind != libc::CLONE_NEWNET {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a namespace, but not a network namespace",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(NetNs {
+            fd: file.into(),
+            path: Some(path.to_path_buf()),
+            netlink: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// [`NetNs::open_foreign`], if `path` still names the namespace whose inode was `inode`:
+    /// `None` once it is gone (its process exited and its PID, or its file, went or was
+    /// reused by another namespace).
+    pub fn reopen_foreign(path: &Path, inode: u64) -> io::Result<Option<Self>> {
+        match Self::open_foreign(path) {
+            Ok(ns) if ns.inode()? == inode => Ok(Some(ns)),
+            Ok(_) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
+                ) || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Unmounts and removes a named namespace's file. Missing is fine (safe to repeat).
     pub fn remove_named(path: &Path) -> io::Result<()> {
         match umount2(path, MntFlags::MNT_DETACH) {

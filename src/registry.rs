@@ -23,6 +23,14 @@ pub enum ContainerState {
     Running { pid: u32, start_time: u64 },
     /// The process is gone; its endpoints have been removed.
     Exited { at: String },
+    /// Attached by a CNI runtime (containerd, Podman, …) to a network namespace the runtime
+    /// made: no process is ours to watch, so the namespace is watched instead, and its
+    /// endpoints go when it does. `netns_inode` tells it from a later namespace at the same
+    /// path (`/proc/PID/ns/net` of a reused PID).
+    Cni {
+        container_id: String,
+        netns_inode: u64,
+    },
 }
 
 /// One network interface of a container.
@@ -148,7 +156,43 @@ pub enum Refused {
     PortInUse { port: PublishedPort, by: String },
 }
 
+/// Where a container's network namespace is, and for a CNI runtime's, which one it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsRef {
+    pub path: PathBuf,
+    pub cni_inode: Option<u64>,
+}
+
+impl NetnsRef {
+    /// Opens the namespace; `None` when a CNI runtime's namespace is gone (its path now
+    /// names nothing, or another namespace: never program a stranger's).
+    pub fn open(&self) -> std::io::Result<Option<crate::netns::NetNs>> {
+        match self.cni_inode {
+            Some(inode) => crate::netns::NetNs::reopen_foreign(&self.path, inode),
+            None => crate::netns::NetNs::open(&self.path).map(Some),
+        }
+    }
+}
+
 impl ContainerRecord {
+    pub fn netns_ref(&self) -> NetnsRef {
+        NetnsRef {
+            path: self.netns.clone(),
+            cni_inode: match self.state {
+                ContainerState::Cni { netns_inode, .. } => Some(netns_inode),
+                _ => None,
+            },
+        }
+    }
+
+    /// The CNI runtime's container ID, for a container a CNI runtime attached.
+    pub fn cni_container_id(&self) -> Option<&str> {
+        match &self.state {
+            ContainerState::Cni { container_id, .. } => Some(container_id),
+            _ => None,
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         match self.state {
             ContainerState::Running { pid, .. } => Some(pid),

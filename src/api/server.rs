@@ -116,6 +116,11 @@ pub fn router(state: AppState) -> Router {
             delete(disconnect_container),
         )
         .route("/v1/reconcile", axum::routing::post(reconcile))
+        .route("/v1/cni/add", axum::routing::post(cni_add))
+        .route("/v1/cni/del", axum::routing::post(cni_del))
+        .route("/v1/cni/check", axum::routing::post(cni_check))
+        .route("/v1/cni/gc", axum::routing::post(cni_gc))
+        .route("/v1/cni/status", get(cni_status))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -408,4 +413,102 @@ async fn disconnect_container(
 
 async fn reconcile(State(state): State<AppState>) -> ApiResult<Json<ResyncReport>> {
     Ok(Json(state.reconciler.resync().await?))
+}
+
+// The CNI plugin's calls (`vxnet-cni`, src/cni/): see docs/api.md.
+
+async fn cni_add(
+    State(state): State<AppState>,
+    body: Result<Json<crate::cni::requests::AddRequest>, JsonRejection>,
+) -> ApiResult<Json<crate::cni::requests::Attachment>> {
+    let Json(req) = body?;
+    Ok(Json(state.containers.cni_add(req).await?))
+}
+
+async fn cni_del(
+    State(state): State<AppState>,
+    body: Result<Json<crate::cni::requests::AttachmentRef>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Json(req) = body?;
+    state.containers.cni_del(req).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn cni_check(
+    State(state): State<AppState>,
+    body: Result<Json<crate::cni::requests::AttachmentRef>, JsonRejection>,
+) -> ApiResult<Json<crate::cni::requests::Attachment>> {
+    let Json(req) = body?;
+    Ok(Json(state.containers.cni_check(req).await?))
+}
+
+async fn cni_gc(
+    State(state): State<AppState>,
+    body: Result<Json<crate::cni::requests::GcRequest>, JsonRejection>,
+) -> ApiResult<Json<crate::cni::requests::GcReport>> {
+    let Json(req) = body?;
+    Ok(Json(
+        state.containers.cni_gc(&req.network, &req.valid).await?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    network: String,
+}
+
+/// How long STATUS waits for the store to answer before saying it cannot serve ADD.
+const STATUS_PROBE: Duration = Duration::from_secs(2);
+
+/// Whether an ADD on `network` would be served now: the daemon is synced and registered,
+/// the store answers (an ADD claims its address there), and the network exists.
+async fn cni_status(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<StatusQuery>,
+) -> Json<crate::cni::requests::Status> {
+    use crate::cni::requests::Status;
+    let not = |reason: String| {
+        Json(Status {
+            ready: false,
+            reason: Some(reason),
+        })
+    };
+    let Some(lease) = state.membership.current_lease() else {
+        return not(
+            "this daemon is not registered in the cluster store; check `vxnet info` and etcd"
+                .into(),
+        );
+    };
+    let probe = tokio::time::timeout(STATUS_PROBE, state.cluster.store().lease_ttl(lease)).await;
+    match probe {
+        Err(_) => {
+            return not(format!(
+                "the cluster store did not answer within {}s; check etcd ({})",
+                STATUS_PROBE.as_secs(),
+                state.cluster.store().describe()
+            ))
+        }
+        Ok(Err(e)) => return not(format!("the cluster store is unreachable: {e}")),
+        Ok(Ok(None)) => {
+            return not(
+                "this daemon's lease in the cluster store expired; it is registering again".into(),
+            )
+        }
+        Ok(Ok(Some(_))) => {}
+    }
+    let known = state.view.with(|v| {
+        (v.revision > 0).then(|| {
+            v.resolve_network(&q.network)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    match known {
+        None => not("this daemon has not synced with the cluster store yet".into()),
+        Some(Err(e)) => not(e),
+        Some(Ok(())) => Json(Status {
+            ready: true,
+            reason: None,
+        }),
+    }
 }

@@ -440,6 +440,7 @@ fn status_text(r: &ContainerRecord) -> String {
         ContainerState::Created => "Created".into(),
         ContainerState::Running { pid, .. } => format!("Up (pid {pid})"),
         ContainerState::Exited { at } => format!("Exited {at}"),
+        ContainerState::Cni { .. } => "Up (CNI)".into(),
     };
     if r.conflicts.is_empty() {
         status

@@ -7,6 +7,7 @@
 //! daemon its PID. The daemon holds a pidfd and, the moment the process exits, removes its
 //! endpoints everywhere.
 
+mod cni;
 pub mod nspool;
 pub mod process;
 
@@ -78,6 +79,18 @@ pub struct ConnectRequest {
     pub aliases: Vec<String>,
 }
 
+/// How [`ContainerService::attach`] attaches a container to a network.
+#[derive(Clone, Copy)]
+struct AttachOptions<'a> {
+    /// The address asked for; the network's next free one when `None`.
+    ip: Option<Ipv4Addr>,
+    aliases: &'a [String],
+    /// Whether the container's default route goes out of this interface.
+    default_route: bool,
+    /// The interface's name in the container; the next free `ethN` when `None`.
+    ifname: Option<&'a str>,
+}
+
 /// A gateway-bridge address picked and not yet in a saved record.
 struct GatewayPick<'a> {
     set: &'a SyncMutex<std::collections::HashSet<Ipv4Addr>>,
@@ -105,6 +118,9 @@ pub struct ContainerService {
     /// Gateway-bridge addresses are host-local and picked from the records: these are picked
     /// and not recorded yet, so concurrent creates never pick the same one.
     gateway_picked: SyncMutex<std::collections::HashSet<Ipv4Addr>>,
+    /// One lock per CNI container ID: a runtime's ADD, DEL and GC of one container never
+    /// interleave (its record may not exist yet, so the record lock cannot serve).
+    cni_locks: SyncMutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// Removes container namespaces (named by a short container ID) that no record owns: a
@@ -165,6 +181,7 @@ impl ContainerService {
             processes: SyncMutex::new(HashMap::new()),
             locks: SyncMutex::new(HashMap::new()),
             gateway_picked: SyncMutex::new(std::collections::HashSet::new()),
+            cni_locks: SyncMutex::new(HashMap::new()),
         })
     }
 
@@ -260,10 +277,14 @@ impl ContainerService {
         record: &ContainerRecord,
         ns: &NetNs,
         stored: &StoredNetwork,
-        ip: Option<Ipv4Addr>,
-        aliases: &[String],
-        default_route: bool,
+        how: AttachOptions<'_>,
     ) -> Result<Attachment, Error> {
+        let AttachOptions {
+            ip,
+            aliases,
+            default_route,
+            ifname,
+        } = how;
         let net = &stored.network;
         if record.attachments.iter().any(|a| a.network_id == net.id) {
             return Err(Error::AlreadyConnected {
@@ -293,10 +314,20 @@ impl ContainerService {
                     .as_ref()
                     .is_some_and(|g| &g.ifname == n)
         };
-        let ifname = (0..)
-            .map(|i| format!("eth{i}"))
-            .find(|n| !taken(n))
-            .unwrap_or_else(|| "eth0".into());
+        let ifname = match ifname {
+            Some(n) if taken(&n.to_string()) => {
+                self.release_endpoint(&net.id, &endpoint.id).await;
+                return Err(Error::conflict(format!(
+                    "container {} already has an interface {n}: choose another interface name",
+                    record.name
+                )));
+            }
+            Some(n) => n.to_string(),
+            None => (0..)
+                .map(|i| format!("eth{i}"))
+                .find(|n| !taken(n))
+                .unwrap_or_else(|| "eth0".into()),
+        };
         let att = Attachment {
             network_id: net.id.clone(),
             network_name: net.name.clone(),
@@ -326,6 +357,7 @@ impl ContainerService {
         &self,
         record: &ContainerRecord,
         ns: &NetNs,
+        ifname: &str,
     ) -> Result<(GatewayAttachment, GatewayPick<'_>), Error> {
         let cfg = self.reconciler.gateway_config();
         let pool = crate::ipam::AddressPool::new(cfg.subnet, Some(cfg.gateway()), None)?;
@@ -352,7 +384,7 @@ impl ContainerService {
         };
         let ip = pick.ip;
         let gw = GatewayAttachment {
-            ifname: "eth1".into(),
+            ifname: ifname.to_string(),
             host_ifname: format!("gw{}", record.id.prefix(7)),
             ip,
             prefix_len: cfg.subnet.prefix_len(),
@@ -369,17 +401,41 @@ impl ContainerService {
     /// Removes an attachment's interface and its endpoint in the store. Best effort: used on
     /// the way out, where a failure is logged, not returned.
     async fn release(&self, att: &Attachment) {
-        if let Err(e) = self
-            .cluster
-            .delete_endpoint(&att.network_id, &att.endpoint_id)
-            .await
-        {
-            if !matches!(e, Error::EndpointNotFound(_)) {
-                tracing::warn!(endpoint = %att.endpoint_id.short(), error = %e, "cannot delete endpoint");
-            }
-        }
+        self.release_endpoint(&att.network_id, &att.endpoint_id)
+            .await;
         if let Err(e) = self.reconciler.detach(att).await {
             tracing::warn!(endpoint = %att.endpoint_id.short(), error = %e, "cannot remove interface");
+        }
+    }
+
+    /// The container's network namespace, which must still be there.
+    fn open_netns(&self, record: &ContainerRecord) -> Result<NetNs, Error> {
+        record
+            .netns_ref()
+            .open()
+            .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?
+            .ok_or_else(|| Error::ContainerNotRunning(record.name.clone()))
+    }
+
+    /// Deletes an endpoint in the store; best effort, as [`Self::release`].
+    async fn release_endpoint(&self, net: &model::NetworkId, endpoint: &model::EndpointId) {
+        if let Err(e) = self.cluster.delete_endpoint(net, endpoint).await {
+            if !matches!(e, Error::EndpointNotFound(_)) {
+                tracing::warn!(endpoint = %endpoint.short(), error = %e, "cannot delete endpoint");
+            }
+        }
+    }
+
+    /// Removes a container's namespace if it is one this service made: a CNI runtime's
+    /// belongs to the runtime (and a record from disk could name any path).
+    fn remove_own_netns(&self, record: &ContainerRecord) {
+        if record.netns.parent() != Some(self.netns_dir.as_path())
+            || record.cni_container_id().is_some()
+        {
+            return;
+        }
+        if let Err(e) = NetNs::remove_named(&record.netns) {
+            tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
         }
     }
 
@@ -473,12 +529,22 @@ impl ContainerService {
             // once: the gateway bridge's work fits in the wait for etcd.
             let (att, gw) = tokio::join!(
                 // The overlay carries the default route only when there is no gateway bridge.
-                self.attach(&record, &ns, &stored, req.ip, &req.aliases, internal),
+                self.attach(
+                    &record,
+                    &ns,
+                    &stored,
+                    AttachOptions {
+                        ip: req.ip,
+                        aliases: &req.aliases,
+                        default_route: internal,
+                        ifname: None,
+                    }
+                ),
                 async {
                     match internal {
                         true => Ok((None, None)),
                         false => self
-                            .make_gateway(&record, &ns)
+                            .make_gateway(&record, &ns, "eth1")
                             .await
                             .map(|(g, pick)| (Some(g), Some(pick))),
                     }
@@ -602,6 +668,7 @@ impl ContainerService {
             return;
         }
         sync::lock(&self.processes).remove(id);
+        let was_cni = record.cni_container_id().is_some();
         // Mark it exited first, so that `release` sees its attachments as no longer live.
         record.state = ContainerState::Exited {
             at: model::now_rfc3339(),
@@ -614,6 +681,11 @@ impl ContainerService {
         }
         for att in &attachments {
             self.release(att).await;
+            if was_cni && gateway.is_some() {
+                if let Err(e) = self.reconciler.unroute_container(att.ip).await {
+                    tracing::warn!(container = %id.short(), error = %e, "cannot remove the route to the container; the next resync does");
+                }
+            }
         }
         if let Some(gw) = &gateway {
             if let Err(e) = self.reconciler.detach_gateway(gw).await {
@@ -627,9 +699,7 @@ impl ContainerService {
             }
         }
         // The namespace has no use without its process (nothing can be exec'd into it).
-        if let Err(e) = NetNs::remove_named(&record.netns) {
-            tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
-        }
+        self.remove_own_netns(&record);
         self.remove_etc(&record);
         if record.auto_remove {
             self.discard(&record);
@@ -638,9 +708,7 @@ impl ContainerService {
     }
 
     fn discard(&self, record: &ContainerRecord) {
-        if let Err(e) = NetNs::remove_named(&record.netns) {
-            tracing::warn!(netns = %record.netns.display(), error = %e, "cannot remove namespace");
-        }
+        self.remove_own_netns(record);
         self.remove_etc(record);
         if let Err(e) = self.registry.remove(&record.id) {
             tracing::warn!(container = %record.id.short(), error = %e, "cannot remove record");
@@ -702,11 +770,20 @@ impl ContainerService {
         if matches!(record.state, ContainerState::Exited { .. }) {
             return Err(Error::ContainerNotRunning(record.name));
         }
-        let ns = NetNs::open(&record.netns)
-            .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
+        let ns = self.open_netns(&record)?;
         let stored = self.resolve_network(&req.network).await?;
         let att = self
-            .attach(&record, &ns, &stored, req.ip, &req.aliases, false)
+            .attach(
+                &record,
+                &ns,
+                &stored,
+                AttachOptions {
+                    ip: req.ip,
+                    aliases: &req.aliases,
+                    default_route: false,
+                    ifname: None,
+                },
+            )
             .await?;
         record.attachments.push(att.clone());
         if let Err(e) = self.registry.put(record.clone()) {
@@ -750,8 +827,7 @@ impl ContainerService {
         self.release(&att).await;
         if let Some(next) = heir {
             let routed = async {
-                let ns = NetNs::open(&record.netns)
-                    .map_err(|e| Error::io(format!("namespace of {}", record.name), e))?;
+                let ns = self.open_netns(&record)?;
                 let net = self
                     .resolve_network(next.network_id.as_str())
                     .await?
@@ -855,6 +931,14 @@ impl ContainerService {
                 }
                 ContainerState::Created => self.finish(&record.id).await,
                 ContainerState::Exited { .. } => {}
+                // Gone while the daemon was down (no DEL will come for it): released now;
+                // the namespace watch keeps an eye on the others.
+                ContainerState::Cni { .. } => {
+                    if matches!(record.netns_ref().open(), Ok(None)) {
+                        tracing::info!(container = %record.name, "its CNI namespace went while the daemon was down; releasing");
+                        self.finish(&record.id).await;
+                    }
+                }
             }
         }
         let owned: std::collections::HashSet<model::EndpointId> = self

@@ -358,21 +358,21 @@ async fn create_veth(
     .await
 }
 
-fn route_gateway(r: &RouteMessage) -> Option<Ipv4Addr> {
+pub(crate) fn route_gateway(r: &RouteMessage) -> Option<Ipv4Addr> {
     r.attributes.iter().find_map(|a| match a {
         RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
         _ => None,
     })
 }
 
-fn route_oif(r: &RouteMessage) -> Option<u32> {
+pub(crate) fn route_oif(r: &RouteMessage) -> Option<u32> {
     r.attributes.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     })
 }
 
-fn route_table(r: &RouteMessage) -> u32 {
+pub(crate) fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
         .find_map(|a| match a {
@@ -481,4 +481,54 @@ pub(crate) async fn veth_ports(
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// CHECK of a container interface, read only: `ifname` in `container` is a veth, up, with
+/// `mac` and `address`. `Some(what is wrong)` when it is not.
+pub async fn check_container_end(
+    container: &NetNs,
+    ifname: &str,
+    mac: Mac,
+    address: ipnet::Ipv4Net,
+) -> Result<Option<String>, DataplaneError> {
+    let h = container
+        .netlink()
+        .map_err(|source| DataplaneError::Namespace {
+            action: "enter",
+            what: format!(
+                "the container namespace {}",
+                container
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            source,
+            hint: "check that the container's namespace still exists",
+        })?;
+    let Some(link) = links::link_by_name(&h, ifname, CONTAINER).await? else {
+        return Ok(Some(format!("the container has no interface {ifname}")));
+    };
+    if !is_veth(&link) {
+        return Ok(Some(format!(
+            "{ifname} is a {}, not vxnet's veth",
+            links::kind_name(&link)
+        )));
+    }
+    if links::hw_address(&link) != Some(&mac.0[..]) {
+        return Ok(Some(format!("{ifname} does not have its MAC {mac}")));
+    }
+    if !links::is_up(&link) {
+        return Ok(Some(format!("{ifname} is down")));
+    }
+    let index = link.header.index;
+    let addresses: Vec<rtnetlink::packet_route::address::AddressMessage> = collect(
+        "list the addresses of",
+        || format!("{ifname} in {CONTAINER}"),
+        || h.address().get().set_link_index_filter(index).execute(),
+    )
+    .await?;
+    let has = addresses.iter().any(|a| {
+        links::ipv4_of(a) == Some(address.addr()) && a.header.prefix_len == address.prefix_len()
+    });
+    Ok((!has).then(|| format!("{ifname} does not have its address {address}")))
 }

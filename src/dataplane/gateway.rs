@@ -13,10 +13,16 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::link::{InfoBridgePort, InfoKind, InfoPortData, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort};
 
-use super::endpoint::{
-    configure_container_end, ensure_veth_pair, is_veth, validate_ifname, VethEnds,
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
 };
-use super::links::{self, call};
+use rtnetlink::RouteMessageBuilder;
+
+use super::endpoint::{
+    configure_container_end, ensure_veth_pair, is_veth, route_gateway, route_table,
+    validate_ifname, VethEnds,
+};
+use super::links::{self, call, collect};
 use super::sandbox::{bridge_mac, fix_link};
 use super::DataplaneError;
 use crate::model::Mac;
@@ -256,4 +262,93 @@ pub fn enable_ipv4_forwarding() -> io::Result<bool> {
     f.rewind()?;
     f.write_all(b"1\n")?;
     Ok(true)
+}
+
+/// The routing protocol number of vxnet's routes in the host namespace (rtnetlink `proto`;
+/// unassigned in iproute2's rt_protos), so that a resync tells its own from the operator's.
+pub const ROUTE_PROTOCOL: u8 = 86;
+
+fn route_destination(r: &RouteMessage) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+/// Routes a container's overlay address (`dst`/32) via its gateway-bridge address `via` in
+/// the host namespace. A CNI runtime's `portmap` plugin, chained after vxnet's, DNATs
+/// published ports to the container's address on its CNI interface, the overlay one, which
+/// only the sandbox routes to; this route brings that traffic in over the gateway bridge
+/// instead (where the firewall lets DNAT'd traffic, and nothing else, pass). Safe to repeat.
+pub async fn ensure_container_route(
+    host: &Handle,
+    bridge_index: u32,
+    dst: Ipv4Addr,
+    via: Ipv4Addr,
+) -> Result<(), DataplaneError> {
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, 32)
+        .gateway(via)
+        .output_interface(bridge_index)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build();
+    call(
+        "add a route to",
+        || format!("{dst}/32 via {via} in {HOST}"),
+        host.route().add(route).replace().execute(),
+    )
+    .await
+}
+
+/// vxnet's container routes in the host namespace: (destination, gateway) pairs.
+pub async fn list_container_routes(
+    host: &Handle,
+) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>, DataplaneError> {
+    Ok(container_route_messages(host)
+        .await?
+        .iter()
+        .filter_map(|r| Some((route_destination(r)?, route_gateway(r)?)))
+        .collect())
+}
+
+async fn container_route_messages(host: &Handle) -> Result<Vec<RouteMessage>, DataplaneError> {
+    let routes: Vec<RouteMessage> = collect(
+        "list the routes of",
+        || HOST.to_string(),
+        || {
+            host.route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+        },
+    )
+    .await?;
+    Ok(routes
+        .into_iter()
+        .filter(|r| {
+            r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && r.header.destination_prefix_length == 32
+                && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+        })
+        .collect())
+}
+
+/// Removes vxnet's route to `dst`/32 (see [`ensure_container_route`]). Missing is fine; a
+/// route of anyone else to that address is left alone.
+pub async fn remove_container_route(host: &Handle, dst: Ipv4Addr) -> Result<(), DataplaneError> {
+    for r in container_route_messages(host).await? {
+        if route_destination(&r) != Some(dst) {
+            continue;
+        }
+        match call(
+            "remove the route to",
+            || format!("{dst}/32 in {HOST}"),
+            host.route().del(r).execute(),
+        )
+        .await
+        {
+            Err(e) if e.errno() == Some(libc::ESRCH) => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }

@@ -54,7 +54,7 @@ pub async fn find_underlay(host: &Handle, addr: Ipv4Addr) -> Result<Underlay, Da
 
 /// The IPv4 address of an address message: IFA_LOCAL, which differs from IFA_ADDRESS only
 /// on point-to-point links (where IFA_ADDRESS is the far end).
-fn ipv4_of(a: &AddressMessage) -> Option<Ipv4Addr> {
+pub(crate) fn ipv4_of(a: &AddressMessage) -> Option<Ipv4Addr> {
     let mut address = None;
     for attr in &a.attributes {
         match attr {

@@ -21,12 +21,13 @@ use std::io;
 use std::time::Duration;
 
 pub use endpoint::{
-    ensure_endpoint, ensure_handoff_endpoint, list_endpoint_links, remove_endpoint, EndpointSpec,
-    HandoffSpec,
+    check_container_end, ensure_endpoint, ensure_handoff_endpoint, list_endpoint_links,
+    remove_endpoint, EndpointSpec, HandoffSpec,
 };
 pub use gateway::{
-    enable_ipv4_forwarding, ensure_gateway_bridge, ensure_gateway_endpoint, list_gateway_endpoints,
-    remove_gateway_bridge, remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
+    enable_ipv4_forwarding, ensure_container_route, ensure_gateway_bridge, ensure_gateway_endpoint,
+    list_container_routes, list_gateway_endpoints, remove_container_route, remove_gateway_bridge,
+    remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
 };
 pub use links::{find_underlay, Underlay};
 pub use peers::{add_peers, list_peers, remove_peers, Peer};

@@ -222,6 +222,16 @@ impl DnsServer {
         text
     }
 
+    /// The host's search domains (resolv.conf's `search` line), which containers get too.
+    pub fn search_domains(&self) -> Vec<String> {
+        self.upstreams
+            .search_and_options()
+            .iter()
+            .filter_map(|l| l.strip_prefix("search "))
+            .flat_map(|l| l.split_whitespace().map(str::to_string))
+            .collect()
+    }
+
     /// Opens the UDP and TCP sockets of network `net` in its sandbox `ns` (which must have
     /// [`LISTEN_ADDR`] on br0) and serves them until the returned listener is dropped.
     pub fn listen(self: &Arc<Self>, net: &NetworkId, ns: &NetNs) -> Result<Listener, DnsError> {

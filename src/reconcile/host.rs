@@ -56,6 +56,32 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Routes a CNI container's overlay address via its gateway-bridge address in the host
+    /// namespace (see [`dataplane::ensure_container_route`]: published ports of a chained
+    /// `portmap` arrive that way).
+    pub async fn route_to_container(&self, dst: Ipv4Addr, via: Ipv4Addr) -> Result<(), Error> {
+        let bridge = self.ensure_gateway_bridge().await?;
+        dataplane::ensure_container_route(&self.host, bridge, dst, via).await?;
+        Ok(())
+    }
+
+    pub async fn unroute_container(&self, dst: Ipv4Addr) -> Result<(), Error> {
+        dataplane::remove_container_route(&self.host, dst).await?;
+        Ok(())
+    }
+
+    /// The container routes the records want: every live CNI container's overlay addresses
+    /// via its gateway-bridge address.
+    fn wanted_container_routes(&self) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
+        self.registry
+            .list()
+            .iter()
+            .filter(|r| matches!(r.state, ContainerState::Cni { .. }))
+            .filter_map(|r| r.gateway_attachment.as_ref().map(|g| (r, g.ip)))
+            .flat_map(|(r, via)| r.attachments.iter().map(move |a| (a.ip, via)))
+            .collect()
+    }
+
     pub async fn detach_gateway(&self, gw: &GatewayAttachment) -> Result<(), Error> {
         dataplane::remove_gateway_endpoint(&self.host, &gw.host_ifname).await?;
         lock(&self.gateway_endpoints).remove(&gw.host_ifname);
@@ -233,8 +259,8 @@ impl Reconciler {
             let Some(gw) = &r.gateway_attachment else {
                 continue;
             };
-            match NetNs::open(&r.netns) {
-                Ok(ns) => {
+            match r.netns_ref().open() {
+                Ok(Some(ns)) => {
                     dataplane::ensure_gateway_endpoint(
                         &self.host,
                         bridge,
@@ -244,9 +270,20 @@ impl Reconciler {
                     .await?;
                     report.gateway_endpoints += 1;
                 }
+                // A CNI runtime's namespace that is gone: released by the namespace watch.
+                Ok(None) => {}
                 Err(e) => tracing::warn!(netns = %r.netns.display(), error = %e,
                     "container namespace missing; its gateway interface cannot be repaired"),
             }
+        }
+        let wanted = self.wanted_container_routes();
+        for (dst, via) in dataplane::list_container_routes(&self.host).await? {
+            if wanted.get(&dst) != Some(&via) {
+                dataplane::remove_container_route(&self.host, dst).await?;
+            }
+        }
+        for (dst, via) in wanted {
+            dataplane::ensure_container_route(&self.host, bridge, dst, via).await?;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ use crate::dataplane::{self, EndpointSpec, SandboxSpec, Underlay};
 use crate::error::Error;
 use crate::firewall::Firewall;
 use crate::model::{Network, NetworkId, NodeId};
-use crate::registry::{Attachment, ContainerState, Registry};
+use crate::registry::{Attachment, ContainerState, NetnsRef, Registry};
 use crate::view::{ClusterView, SharedView};
 
 mod controller;
@@ -245,8 +245,8 @@ impl Reconciler {
     }
 
     /// Networks with at least one live local attachment, and those attachments.
-    fn local_attachments(&self) -> HashMap<NetworkId, Vec<(PathBuf, Attachment)>> {
-        let mut out: HashMap<NetworkId, Vec<(PathBuf, Attachment)>> = HashMap::new();
+    fn local_attachments(&self) -> HashMap<NetworkId, Vec<(NetnsRef, Attachment)>> {
+        let mut out: HashMap<NetworkId, Vec<(NetnsRef, Attachment)>> = HashMap::new();
         for r in self.registry.list() {
             if matches!(r.state, ContainerState::Exited { .. }) {
                 continue;
@@ -254,7 +254,7 @@ impl Reconciler {
             for a in &r.attachments {
                 out.entry(a.network_id.clone())
                     .or_default()
-                    .push((r.netns.clone(), a.clone()));
+                    .push((r.netns_ref(), a.clone()));
             }
         }
         out

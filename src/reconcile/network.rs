@@ -261,12 +261,16 @@ impl Reconciler {
         let sandbox = dataplane::ensure_sandbox(&self.host, &self.run_dir, &spec).await?;
         out.sandbox_ensured = true;
         for (netns, att) in &attachments {
-            match NetNs::open(netns) {
-                Ok(ns) => {
+            match netns.open() {
+                Ok(Some(ns)) => {
                     dataplane::ensure_endpoint(&sandbox, &ns, &self.endpoint_spec(att)?).await?;
                     out.endpoints_repaired += 1;
                 }
-                Err(e) => tracing::warn!(netns = %netns.display(), error = %e,
+                // A CNI runtime's namespace that is gone: its attachment is released by the
+                // container service's namespace watch, not repaired into whatever now holds
+                // that path.
+                Ok(None) => {}
+                Err(e) => tracing::warn!(netns = %netns.path.display(), error = %e,
                     "container namespace missing; its interface cannot be repaired"),
             }
         }
