@@ -2,6 +2,7 @@
 //! network namespace (see `vxnet::lab::LocalCluster`), gone when the test ends.
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod dns;
 
 use std::path::PathBuf;
