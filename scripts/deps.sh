@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vxnet's build, tests and lab need on Debian/Ubuntu, when missing.
-# Package scripts must not start services (no system etcd): a policy-rc.d that exits 101
-# is in place during the install and removed afterwards.
+# Package scripts must not start services (no system etcd, dockerd or containerd): a
+# policy-rc.d that exits 101 is in place during the install and removed afterwards.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -34,6 +34,16 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v iptables >/dev/null || need+=(iptables)
 # (Debian's plain busybox package is dynamically linked: no use in an image without a libc.)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
+# The CNI clients vxnet's CNI plugin is tested against, inside lab hosts (src/lab/cni.rs):
+# containerd 1.6 (ctr, its runc shim), Podman 4.3 with conmon and runc (crun, its default,
+# fails on cgroup v1 hybrid), Podman's seccomp profile, and the reference CNI plugins in
+# /usr/lib/cni.
+command -v containerd >/dev/null || need+=(containerd)
+{ [ -x /usr/sbin/runc ] || command -v runc >/dev/null; } || need+=(runc)
+command -v podman >/dev/null || need+=(podman)
+command -v conmon >/dev/null || need+=(conmon)
+[ -f /usr/share/containers/seccomp.json ] || need+=(golang-github-containers-common)
+{ [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ]; } || need+=(containernetworking-plugins)
 # The data-plane benchmark: TCP throughput with iperf3 inside lab namespaces, and the offload
 # state of the interfaces it measures (read only, never changed).
 command -v iperf3 >/dev/null || need+=(iperf3)

@@ -113,12 +113,13 @@ impl Host {
     }
 }
 
-fn cgroup_parent(lab: &str, host: &str) -> String {
+/// The cgroup parent of `host`'s containers (Docker's, containerd's and Podman's alike).
+pub(super) fn cgroup_parent(lab: &str, host: &str) -> String {
     format!("/{CGROUP_PREFIX}-{lab}-{host}")
 }
 
-/// Runs a prepared docker command and fails with its output when it fails.
-fn run(cmd: &mut Command, what: &str) -> Result<std::process::Output, LabError> {
+/// Runs a prepared command and fails with its output when it fails.
+pub(super) fn run(cmd: &mut Command, what: &str) -> Result<std::process::Output, LabError> {
     let out = cmd.output().map_err(|e| LabError::ProcessFailed {
         what: what.to_string(),
         detail: format!("cannot run {:?}: {e}", cmd.get_program()),
@@ -298,18 +299,22 @@ impl Lab {
             .filter(|p| p.role == ROLE)
             .cloned()
             .collect();
-        let mut stuck = stop_containers(self.name(), &[host]).stuck;
+        // Only Docker's own: containerd's and Podman's containers share the host's cgroup
+        // parent.
+        let mut stuck = kill_cgroups(&docker_container_dirs(self.name(), host)).stuck;
         let refs: Vec<&ProcRecord> = recs.iter().collect();
         let out = sys::stop(&refs, Duration::from_secs(15));
         stuck.extend(out.stuck);
         // containerd dies with dockerd (it is started with a parent-death signal); shims do
-        // not, and are children of the machine's init by now. Only the host's own are taken.
+        // not, and are children of the machine's init by now. Only the host's own are taken,
+        // and not those of the lab's own containerd (`Lab::start_containerd`) on the host.
         if let Some(mnt) = sys::ns_inode(Path::new(&format!("/proc/{}/ns/mnt", h.init_pid()))) {
             let leftovers: Vec<ProcRecord> = sys::processes_in_mount_ns(&[mnt], &[h.init_pid()])
                 .into_iter()
                 .filter(|p| {
                     std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
                         .is_ok_and(|c| c.starts_with("containerd"))
+                        && !super::cni::is_lab_containerd(p.pid)
                 })
                 .collect();
             let refs: Vec<&ProcRecord> = leftovers.iter().collect();
@@ -358,7 +363,7 @@ impl Lab {
     }
 
     /// The test image's root filesystem as a tarball, built on first use.
-    fn test_image_tar(&self) -> Result<PathBuf, LabError> {
+    pub(super) fn test_image_tar(&self) -> Result<PathBuf, LabError> {
         let dir = self.dir().join("docker");
         let tar = dir.join(format!("{TEST_IMAGE}.tar"));
         if tar.is_file() {
@@ -491,7 +496,7 @@ async fn ping(socket: &Path) -> bool {
 }
 
 /// Each of the machine's cgroup hierarchies (the directories under /sys/fs/cgroup).
-fn hierarchies() -> Vec<PathBuf> {
+pub(super) fn hierarchies() -> Vec<PathBuf> {
     std::fs::read_dir(CGROUP_ROOT)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -502,9 +507,9 @@ fn hierarchies() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The container cgroups of `hosts` of `lab`, in every hierarchy, each listed before its
-/// parent.
-fn cgroup_dirs(lab: &str, hosts: &[&str]) -> Vec<PathBuf> {
+/// The cgroup `rel` (`/a/b`, as runc's cgroupsPath names it) and every cgroup below it, in
+/// each hierarchy, each listed before its parent.
+pub(super) fn cgroup_tree(rel: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.filter_map(|e| e.ok()) {
@@ -515,22 +520,54 @@ fn cgroup_dirs(lab: &str, hosts: &[&str]) -> Vec<PathBuf> {
         }
         out.push(dir.to_path_buf());
     }
+    let rel = rel.trim_start_matches('/');
     let mut out = Vec::new();
+    // The root of a hierarchy holds every process of the machine: never a container's.
+    if rel.is_empty() {
+        return out;
+    }
     for h in hierarchies() {
-        for host in hosts {
-            let top = h.join(cgroup_parent(lab, host).trim_start_matches('/'));
-            if top.is_dir() {
-                walk(&top, &mut out);
-            }
+        let top = h.join(rel);
+        if top.is_dir() {
+            walk(&top, &mut out);
         }
     }
     out
 }
 
-/// Kills (SIGKILL) every process in the container cgroups of `hosts` of `lab`.
-pub fn stop_containers(lab: &str, hosts: &[&str]) -> StopOutcome {
+/// The container cgroups of `hosts` of `lab`, in every hierarchy, each listed before its
+/// parent.
+fn cgroup_dirs(lab: &str, hosts: &[&str]) -> Vec<PathBuf> {
+    hosts
+        .iter()
+        .flat_map(|host| cgroup_tree(&cgroup_parent(lab, host)))
+        .collect()
+}
+
+/// The cgroups of Docker's containers on `host` (named by their 64-hex-digit IDs, right
+/// below the host's cgroup parent).
+fn docker_container_dirs(lab: &str, host: &str) -> Vec<PathBuf> {
+    let parent = cgroup_parent(lab, host);
+    let mut ids = BTreeSet::new();
+    for h in hierarchies() {
+        if let Ok(entries) = std::fs::read_dir(h.join(parent.trim_start_matches('/'))) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    ids.insert(name);
+                }
+            }
+        }
+    }
+    ids.iter()
+        .flat_map(|id| cgroup_tree(&format!("{parent}/{id}")))
+        .collect()
+}
+
+/// Kills (SIGKILL) every process in the cgroup directories `dirs`.
+pub(super) fn kill_cgroups(dirs: &[PathBuf]) -> StopOutcome {
     let mut pids = BTreeSet::new();
-    for d in cgroup_dirs(lab, hosts) {
+    for d in dirs {
         if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
@@ -552,24 +589,25 @@ pub fn stop_containers(lab: &str, hosts: &[&str]) -> StopOutcome {
     sys::stop_with(&refs, libc::SIGKILL, Duration::from_secs(5))
 }
 
-/// The hosts of a lab on which a dockerd was recorded.
-fn docker_hosts(state: &LabState) -> Vec<&str> {
-    state
-        .hosts
-        .iter()
-        .filter(|h| h.processes.iter().any(|p| p.role == ROLE))
-        .map(|h| h.name.as_str())
-        .collect()
+/// Kills (SIGKILL) every process in the container cgroups of `hosts` of `lab`.
+pub fn stop_containers(lab: &str, hosts: &[&str]) -> StopOutcome {
+    kill_cgroups(&cgroup_dirs(lab, hosts))
+}
+
+/// Every host of a lab: any may have run containers under its cgroup parent (dockerd's,
+/// the lab's containerd's, Podman's), recorded or not (`lab exec … podman run`).
+fn container_hosts(state: &LabState) -> Vec<&str> {
+    state.hosts.iter().map(|h| h.name.as_str()).collect()
 }
 
 /// [`stop_containers`] for `lab down`.
 pub(super) fn stop_containers_of_lab(state: &LabState) -> StopOutcome {
-    stop_containers(&state.name, &docker_hosts(state))
+    stop_containers(&state.name, &container_hosts(state))
 }
 
 /// [`remove_cgroups`] for `lab down`.
 pub(super) fn remove_cgroups_of_lab(state: &LabState) {
-    remove_cgroups(&state.name, &docker_hosts(state))
+    remove_cgroups(&state.name, &container_hosts(state))
 }
 
 /// Removes the (empty) container cgroups of `hosts` of `lab`. Best effort: a cgroup that

@@ -7,8 +7,9 @@
 //! netns/switch             network namespace holding bridge br0 (the seed's private network)
 //! netns/vm1 … netns/vmN    each host's network namespace: lo, eth0 = 192.0.2.(4+K)/24
 //! hosts/vmK/fs/…           each host's private directories (/var/lib/vxnet, …)
-//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log, vmK-dockerd.log (`lab docker`)
-//! docker/vxnet-bb.tar      the test image's root filesystem (`lab docker`)
+//! logs/vmK-init.log, vm1-etcd.log, vmK-daemon.log, vmK-dockerd.log (`lab docker`),
+//!   vmK-containerd.log (`Lab::start_containerd`)
+//! docker/vxnet-bb.tar      the test image's root filesystem (`lab docker`, Podman, ctr)
 //! ```
 //!
 //! Each host is held by a `vxnet lab host-init` process (see `host_init.rs`) that owns the
@@ -53,12 +54,22 @@ pub const DEFAULT_UNDERLAY: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(192, 0, 2
     Err(_) => panic!("a /24 is a valid prefix"),
 };
 /// Directories each host has to itself (bound from `hosts/vmK/fs/…` in the lab dir).
-/// `/run` is always private too (a tmpfs per host).
+/// `/run` is always private too (a tmpfs per host). The last seven are the CNI runtimes'
+/// (`cni.rs`): CNI configurations and plugins, IPAM state and result caches, containerd's
+/// root, Podman's storage, configuration and short-name cache; each host's are its own, and
+/// none of the machine's is read or written.
 pub const DEFAULT_PRIVATE_DIRS: &[&str] = &[
     "/var/lib/vxnet",
     "/var/lib/etcd",
     "/var/lib/docker",
     "/etc/docker",
+    "/etc/cni",
+    "/opt/cni/bin",
+    "/var/lib/cni",
+    "/var/lib/containerd",
+    "/var/lib/containers",
+    "/etc/containers",
+    "/var/cache/containers",
 ];
 /// The "outside" address (a documentation network, RFC 5737) every lab host can reach.
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -427,6 +438,11 @@ impl Host {
         &self.name
     }
 
+    /// The name of the lab the host belongs to.
+    pub fn lab(&self) -> &str {
+        &self.lab
+    }
+
     /// The host's underlay address (on its `eth0`).
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
@@ -469,12 +485,14 @@ impl Host {
 
     /// A command that runs on this host: in its network, mount and UTS namespaces, with
     /// `VXNET_HOST` pointing at the host's daemon, `DOCKER_HOST` at the host's dockerd (if
-    /// `lab docker` started one) and the lab's `vxnet` first on PATH.
+    /// `lab docker` started one), ctr and Podman at the host's own (see `cni.rs`) and the
+    /// lab's `vxnet` first on PATH.
     /// Fails if the host's init is gone.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command, LabError> {
         let mut cmd = Command::new(program);
         cmd.env("VXNET_HOST", format!("unix://{HOST_SOCKET}"))
-            .env("DOCKER_HOST", super::docker::DOCKER_HOST);
+            .env("DOCKER_HOST", super::docker::DOCKER_HOST)
+            .envs(super::cni::host_env(&self.lab, &self.name));
         if let Some(dir) = &self.bin_dir {
             let path =
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -1345,6 +1363,7 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
             cmd.arg("--private")
                 .arg(format!("{}={}", inside.display(), source.display()));
         }
+        super::cni::write_host_config(&fs, &opts.private_dirs)?;
         let log = logs.join(format!("{}-init.log", h.name));
         ns.command(&mut cmd)
             .map_err(|e| LabError::io(&h.netns, e))?;
@@ -1694,13 +1713,20 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
     report.existed = true;
     // An unreadable state file cannot name processes; the rest is still removed.
     let state = LabState::load(dir).ok().flatten();
+    let mut stray = super::cni::StrayCgroups::default();
     if let Some(state) = &state {
-        // Docker's containers first: they run in mount namespaces of their own (not the
-        // hosts'), so only their cgroups name them; dockerd then stops without waiting for
-        // them.
+        // Found first: containerd's part of them is named in the hosts' /run, gone with the
+        // hosts.
+        stray = super::cni::StrayCgroups::find(state);
+        // Containers first (Docker's, containerd's, Podman's): they run in mount namespaces
+        // of their own (not the hosts'), so only their cgroups name them; their engines then
+        // stop without waiting for them.
         let containers = super::docker::stop_containers_of_lab(state);
         report.stopped += containers.stopped;
         report.stuck.extend(containers.stuck);
+        let strays = stray.stop();
+        report.stopped += strays.stopped;
+        report.stuck.extend(strays.stuck);
         let all: Vec<&ProcRecord> = state.hosts.iter().flat_map(|h| &h.processes).collect();
         let inits: Vec<&ProcRecord> = state.hosts.iter().filter_map(|h| h.init.as_ref()).collect();
         // Daemons first (while etcd still answers), then etcd, then whatever else runs inside
@@ -1745,6 +1771,9 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
         let late = super::docker::stop_containers_of_lab(state);
         report.stopped += late.stopped;
         report.stuck.extend(late.stuck);
+        let late = stray.stop();
+        report.stopped += late.stopped;
+        report.stuck.extend(late.stuck);
         let late_guests = lab_guests(dir, &host_mnt, &ours);
         let out = sys::stop(
             &late_guests.iter().collect::<Vec<_>>(),
@@ -1783,6 +1812,7 @@ fn teardown(dir: &Path) -> Result<DownReport, LabError> {
     if let Some(state) = &state {
         super::docker::remove_cgroups_of_lab(state);
     }
+    stray.remove();
     report.strangers = sys::processes_in_netns(&inodes);
     Ok(report)
 }

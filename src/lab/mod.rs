@@ -9,6 +9,7 @@
 //! hosts with their own network, mount and UTS namespaces on a shared switch, etcd on vm1
 //! and a daemon on each other host, all outliving the process that started them.
 
+pub mod cni;
 pub mod demo;
 pub mod docker;
 pub mod etcd;
