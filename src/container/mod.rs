@@ -401,9 +401,11 @@ impl ContainerService {
     /// Removes an attachment's interface and its endpoint in the store. Best effort: used on
     /// the way out, where a failure is logged, not returned.
     async fn release(&self, att: &Attachment) {
-        self.release_endpoint(&att.network_id, &att.endpoint_id)
-            .await;
-        if let Err(e) = self.reconciler.detach(att).await {
+        let (_, detached) = tokio::join!(
+            self.release_endpoint(&att.network_id, &att.endpoint_id),
+            self.reconciler.detach(att)
+        );
+        if let Err(e) = detached {
             tracing::warn!(endpoint = %att.endpoint_id.short(), error = %e, "cannot remove interface");
         }
     }
@@ -679,19 +681,25 @@ impl ContainerService {
         if let Err(e) = self.registry.put(record.clone()) {
             tracing::warn!(container = %id.short(), error = %e, "cannot save container record");
         }
-        for att in &attachments {
+        // All at once: each device deletion waits for an RCU grace period, and the store's
+        // delete for a round trip; none depends on another.
+        let routed = was_cni && gateway.is_some();
+        let overlay = futures::future::join_all(attachments.iter().map(|att| async move {
             self.release(att).await;
-            if was_cni && gateway.is_some() {
+            if routed {
                 if let Err(e) = self.reconciler.unroute_container(att.ip).await {
                     tracing::warn!(container = %id.short(), error = %e, "cannot remove the route to the container; the next resync does");
                 }
             }
-        }
-        if let Some(gw) = &gateway {
-            if let Err(e) = self.reconciler.detach_gateway(gw).await {
-                tracing::warn!(container = %id.short(), error = %e, "cannot remove the gateway interface");
+        }));
+        let way_out = async {
+            if let Some(gw) = &gateway {
+                if let Err(e) = self.reconciler.detach_gateway(gw).await {
+                    tracing::warn!(container = %id.short(), error = %e, "cannot remove the gateway interface");
+                }
             }
-        }
+        };
+        tokio::join!(overlay, way_out);
         // An exited container publishes nothing.
         if had_ports {
             if let Err(e) = self.reconciler.sync_firewall().await {
