@@ -404,7 +404,10 @@ async fn attachments_live_and_die_with_their_namespace_gc_status_and_restarts() 
     // stops listing it while vm2 is away anyway: a stopped daemon's endpoints leave with
     // its lease, and come back with the next one unless released).
     assert!(lab.lab.stop_daemon("vm2").unwrap());
-    assert!(lab.sh("vm2", &["ip", "netns", "del", "ns-b"]).status.success());
+    assert!(lab
+        .sh("vm2", &["ip", "netns", "del", "ns-b"])
+        .status
+        .success());
     lab.lab.start_daemon("vm2").await.expect("daemon restarts");
     wait_for(Duration::from_secs(20), "pod-b released on vm2", || {
         !lab.vx("vm2", &["ps"]).contains("pod-b")
@@ -413,5 +416,8 @@ async fn attachments_live_and_die_with_their_namespace_gc_status_and_restarts() 
     wait_for(Duration::from_secs(10), "pod-b's route gone", || {
         !String::from_utf8_lossy(&lab.sh("vm2", &["ip", "route"]).stdout).contains(&b)
     });
-    assert!(!listed_on(&lab, "vm3", "n1", &b), "pod-b is not claimed again");
+    assert!(
+        !listed_on(&lab, "vm3", "n1", &b),
+        "pod-b is not claimed again"
+    );
 }
