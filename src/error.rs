@@ -143,6 +143,10 @@ impl Error {
             | Error::AlreadyConnected { .. }
             | Error::PortInUse { .. }
             | Error::NotConnected { .. } => ErrorKind::Conflict,
+            // A name in the container (or host) that is someone else's: the caller's to fix.
+            Error::Dataplane(crate::dataplane::DataplaneError::NameTaken { .. }) => {
+                ErrorKind::Conflict
+            }
             Error::Contention(_) | Error::NotRegistered => ErrorKind::Unavailable,
             Error::Store(
                 StoreError::Unreachable { .. }

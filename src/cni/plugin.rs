@@ -89,7 +89,7 @@ impl Failure {
 /// The plugin's entry point.
 pub fn main() -> ExitCode {
     let mut stdin = Vec::new();
-    let read = std::io::stdin().take(MAX_STDIN).read_to_end(&mut stdin);
+    let read = std::io::stdin().take(MAX_STDIN + 1).read_to_end(&mut stdin);
     // Errors are answered in the config's version when it has one the plugin speaks.
     let version = serde_json::from_slice::<serde_json::Value>(&stdin)
         .ok()
@@ -97,6 +97,10 @@ pub fn main() -> ExitCode {
         .filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| spec::SUPPORTED_VERSIONS[spec::SUPPORTED_VERSIONS.len() - 1].into());
     let outcome = match read {
+        Ok(n) if n as u64 > MAX_STDIN => Err(Failure::new(
+            ErrorCode::Decode,
+            format!("the network configuration on stdin is larger than {MAX_STDIN} bytes: not a configuration"),
+        )),
         Ok(_) => run(&stdin, |k| std::env::var(k).ok()),
         Err(e) => Err(Failure::new(
             ErrorCode::Io,
