@@ -54,7 +54,13 @@ impl Failure {
     /// for CHECK).
     fn from_client(e: ClientError, not_found: ErrorCode) -> Self {
         match &e {
-            ClientError::Connect { .. } => Failure::new(ErrorCode::TryAgainLater, e.to_string()),
+            ClientError::Connect { socket, source } => Failure::new(
+                ErrorCode::TryAgainLater,
+                format!(
+                    "cannot reach the vxnet daemon at {}: {source}; start `vxnet daemon` on this host, or set \"socket\" in the network configuration to where it listens",
+                    socket.display()
+                ),
+            ),
             ClientError::Api { status, message } => {
                 let code = match *status {
                     StatusCode::NOT_FOUND => not_found as u32,
