@@ -377,34 +377,10 @@ impl ContainerService {
         }
         let lock = self.lock_for(&record.id);
         let _guard = lock.lock().await;
-        let Some((mut record, pos)) = self.find_cni_attachment(r) else {
+        let Some((record, pos)) = self.find_cni_attachment(r) else {
             return Ok(());
         };
-        let att = record.attachments.remove(pos);
-        let heir = match att.carries_dns_route() {
-            true => record.attachments.first_mut().map(|next| {
-                next.dns_route = Some(true);
-                next.clone()
-            }),
-            false => None,
-        };
-        self.registry
-            .put(record.clone())
-            .map_err(|e| Error::io("saving container record", e))?;
-        self.release(&att).await;
-        if record.gateway_attachment.is_some() {
-            self.reconciler.unroute_container(att.ip).await?;
-        }
-        if let Some(next) = heir {
-            if let Ok(Some(ns)) = record.netns_ref().open() {
-                let net = self
-                    .resolve_network(next.network_id.as_str())
-                    .await?
-                    .network;
-                self.reconciler.attach(&ns, &net, &next).await?;
-            }
-        }
-        Ok(())
+        self.detach_at(record, pos).await.map(drop)
     }
 
     /// CNI CHECK: the attachment is recorded, its namespace is the one ADD was given, and

@@ -810,7 +810,7 @@ impl ContainerService {
         let record = self.find(reference)?;
         let lock = self.lock_for(&record.id);
         let _guard = lock.lock().await;
-        let mut record = self.find(reference)?;
+        let record = self.find(reference)?;
         let pos = record
             .attachments
             .iter()
@@ -819,6 +819,17 @@ impl ContainerService {
                 container: record.name.clone(),
                 network: network.to_string(),
             })?;
+        self.detach_at(record, pos).await
+    }
+
+    /// Removes attachment `pos` of `record` (the record saved first), releases it, and
+    /// hands the name server's route to the next overlay interface when it was this one's.
+    /// The caller holds the container's lock.
+    pub(super) async fn detach_at(
+        &self,
+        mut record: ContainerRecord,
+        pos: usize,
+    ) -> Result<ContainerRecord, Error> {
         let att = record.attachments.remove(pos);
         // The name server's route leaves with its interface: the next overlay interface
         // takes it over.
@@ -833,6 +844,13 @@ impl ContainerService {
             .put(record.clone())
             .map_err(|e| Error::io("saving container record", e))?;
         self.release(&att).await;
+        // A CNI container's overlay addresses are routed via its gateway interface.
+        if record.cni_container_id().is_some() && record.gateway_attachment.is_some() {
+            if let Err(e) = self.reconciler.unroute_container(att.ip).await {
+                tracing::warn!(container = %record.name, error = %e,
+                    "cannot remove the route to the container; the next resync does");
+            }
+        }
         if let Some(next) = heir {
             let routed = async {
                 let ns = self.open_netns(&record)?;

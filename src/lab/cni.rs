@@ -573,29 +573,12 @@ impl StrayCgroups {
 }
 
 impl Lab {
-    /// The index of `host` if containerd may run there (vm2…: vm1's processes are its etcd
-    /// members, by index).
-    fn runtime_host(&self, host: &str) -> Result<usize, LabError> {
-        self.host(host)?;
-        let i = self
-            .hosts()
-            .iter()
-            .position(|h| h.name() == host)
-            .unwrap_or(0);
-        if i == 0 {
-            return Err(LabError::InvalidOption(format!(
-                "{host} runs etcd: containerd runs on the daemon hosts (vm2…)"
-            )));
-        }
-        Ok(i)
-    }
-
     /// Starts the lab's containerd on `host` (vm2…) in the background and waits until it
     /// answers `ctr version`. It is recorded in `lab.json` (role `containerd`, log
     /// `logs/vmK-containerd.log`) and stopped by `lab down` with its shims and containers. If
     /// the host's containerd already runs, only waits for it.
     pub async fn start_containerd(&self, host: &str) -> Result<(), LabError> {
-        let i = self.runtime_host(host)?;
+        let i = self.daemon_host_for(host, "containerd")?;
         let h = &self.hosts()[i];
         h.require_private(
             &[CONTAINERD_ROOT, "/etc/cni", CNI_BIN_DIR, CNI_STATE_DIR],
@@ -647,7 +630,7 @@ impl Lab {
     /// containerd's record. Containers of dockerd or Podman on the host are left alone.
     /// Whether containerd was running.
     pub fn stop_containerd(&self, host: &str) -> Result<bool, LabError> {
-        let i = self.runtime_host(host)?;
+        let i = self.daemon_host_for(host, "containerd")?;
         let h = &self.hosts()[i];
         let recs: Vec<ProcRecord> = self.current_state()?.hosts[i]
             .processes

@@ -139,22 +139,6 @@ pub(super) fn run(cmd: &mut Command, what: &str) -> Result<std::process::Output,
 }
 
 impl Lab {
-    fn docker_host(&self, host: &str) -> Result<usize, LabError> {
-        self.host(host)?;
-        let i = self
-            .hosts()
-            .iter()
-            .position(|h| h.name() == host)
-            .unwrap_or(0);
-        // vm1's processes are its etcd members, by index (stop_etcd, start_all_etcd).
-        if i == 0 {
-            return Err(LabError::InvalidOption(format!(
-                "{host} runs etcd: Docker runs on the daemon hosts (vm2…)"
-            )));
-        }
-        Ok(i)
-    }
-
     /// The dockerd arguments for host `i`.
     fn dockerd_args(&self, i: usize, opts: &DockerOptions) -> Result<Vec<String>, LabError> {
         let h = &self.hosts()[i];
@@ -199,7 +183,7 @@ impl Lab {
     /// the containers it started. If the host's dockerd already runs, only waits for it.
     /// Several hosts may be started at once (also from several processes).
     pub async fn start_docker(&self, host: &str, opts: &DockerOptions) -> Result<(), LabError> {
-        let i = self.docker_host(host)?;
+        let i = self.daemon_host_for(host, "Docker")?;
         let program = dockerd_program()?;
         let h = &self.hosts()[i];
         let log = self.dir().join("logs").join(format!("{host}-dockerd.log"));
@@ -291,7 +275,7 @@ impl Lab {
     /// after 15 s), then any containerd or shim it left behind; removes the host's container
     /// cgroups and dockerd's record. Whether dockerd was running.
     pub fn stop_docker(&self, host: &str) -> Result<bool, LabError> {
-        let i = self.docker_host(host)?;
+        let i = self.daemon_host_for(host, "Docker")?;
         let h = &self.hosts()[i];
         let recs: Vec<ProcRecord> = self.current_state()?.hosts[i]
             .processes

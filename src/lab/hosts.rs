@@ -758,11 +758,17 @@ impl Lab {
     }
 
     fn daemon_host(&self, host: &str) -> Result<usize, LabError> {
+        self.daemon_host_for(host, "the vxnet daemon")
+    }
+
+    /// The index of `host` if `what` (the daemon, a container runtime) may run there: vm2…,
+    /// as vm1's processes are its etcd members, by index (stop_etcd, start_all_etcd).
+    pub(super) fn daemon_host_for(&self, host: &str, what: &str) -> Result<usize, LabError> {
         self.host(host)?;
         let i = self.hosts.iter().position(|h| h.name == host).unwrap_or(0);
         if i == 0 {
             return Err(LabError::InvalidOption(format!(
-                "{host} runs etcd, not a daemon"
+                "{host} runs etcd: {what} runs on the daemon hosts (vm2…)"
             )));
         }
         Ok(i)
