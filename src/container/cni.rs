@@ -117,9 +117,15 @@ impl ContainerService {
             .clone()
             .unwrap_or_else(|| DEFAULT_GATEWAY_IFNAME.to_string());
         for name in [&req.ifname, &gateway_ifname] {
-            if !valid_ifname(name) {
+            // Stricter than the spec: the container's record keeps only names of letters,
+            // digits, '_' and '-' (a record read back with another is refused, and its
+            // addresses would then be nobody's).
+            let kept = name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_ifname(name) || !kept {
                 return Err(Error::invalid(format!(
-                    "invalid interface name {name:?}: use 1 to 15 characters, no '/', ':' or spaces"
+                    "invalid interface name {name:?}: use 1 to 15 letters, digits, '_' or '-'"
                 )));
             }
         }
