@@ -161,13 +161,14 @@ impl TestLab {
     }
 }
 
-/// Polls `f` every 20 ms for up to 10 s; panics if it never holds. (A bound against hangs,
-/// not a timing assertion.)
+/// Polls `f` every 20 ms for up to 30 s; panics if it never holds. (A bound against hangs,
+/// not a timing assertion: generous, as the suite runs tests two at a time on two cores,
+/// and a daemon restarted while the CNI runtimes' tests run was seen to need over 10 s.)
 pub fn wait_until(mut f: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
     while !f() {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
+            started.elapsed() < std::time::Duration::from_secs(30),
             "condition never held"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
