@@ -134,28 +134,9 @@ async fn bench() {
         seq += 1;
         let id = format!("b{seq}");
         let cmd = match case {
-            // No network: ctr_run always asks for --cni, so this one is built by hand.
-            0 => {
-                let rootfs = lab.cni_rootfs("vm2").expect("rootfs");
-                let mut cmd = vm2.ctr().expect("ctr");
-                // The same flags as `Lab::ctr_run`'s, without --cni.
-                cmd.args([
-                    "run",
-                    "--rm",
-                    "--rootfs",
-                    "--read-only",
-                    "--mount",
-                    "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev",
-                    "--env",
-                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                    "--cgroup",
-                ])
-                .arg(format!("{}/{id}", vm2.cgroup_parent()))
-                .arg(rootfs)
-                .arg(&id)
-                .arg("true");
-                cmd
-            }
+            0 => lab
+                .ctr_run_without_network("vm2", &id, &["--rm"], &["true"])
+                .expect("ctr run"),
             1 => {
                 install(&both);
                 lab.ctr_run("vm2", &id, &["--rm"], &["true"])

@@ -731,6 +731,29 @@ impl Lab {
         flags: &[&str],
         argv: &[&str],
     ) -> Result<Command, LabError> {
+        self.ctr_command(host, id, true, flags, argv)
+    }
+
+    /// [`Lab::ctr_run`] without `--cni`: the container gets only its loopback (the baseline
+    /// of the CNI bench).
+    pub fn ctr_run_without_network(
+        &self,
+        host: &str,
+        id: &str,
+        flags: &[&str],
+        argv: &[&str],
+    ) -> Result<Command, LabError> {
+        self.ctr_command(host, id, false, flags, argv)
+    }
+
+    fn ctr_command(
+        &self,
+        host: &str,
+        id: &str,
+        cni: bool,
+        flags: &[&str],
+        argv: &[&str],
+    ) -> Result<Command, LabError> {
         if !is_identifier(id) {
             return Err(LabError::InvalidOption(format!(
                 "container ID {id:?}: use letters and digits joined by single `.`, `_` or `-`"
@@ -739,9 +762,11 @@ impl Lab {
         let h = self.host(host)?;
         let rootfs = self.cni_rootfs(host)?;
         let mut cmd = h.ctr()?;
+        cmd.arg("run");
+        if cni {
+            cmd.arg("--cni");
+        }
         cmd.args([
-            "run",
-            "--cni",
             "--rootfs",
             "--read-only",
             "--mount",
