@@ -24,5 +24,6 @@ pub mod reconcile;
 pub mod registry;
 pub mod store;
 pub mod sync;
+pub mod systemd;
 pub mod validate;
 pub mod view;

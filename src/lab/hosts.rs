@@ -125,6 +125,8 @@ pub struct LabOptions {
     /// (`--client-cert-auth`) and etcd's auth on; each daemon presents its host's certificate
     /// and logs in as user `vxnet`, which may touch only the store prefix.
     pub secure_store: bool,
+    /// More `vxnet daemon` arguments for every daemon host (after the lab's own).
+    pub daemon_args: Vec<String>,
 }
 
 impl LabOptions {
@@ -140,6 +142,7 @@ impl LabOptions {
             etcd_members: 1,
             docker_scope: crate::docker::Scope::Local,
             secure_store: false,
+            daemon_args: Vec::new(),
         }
     }
 
@@ -1531,6 +1534,7 @@ async fn build(opts: &LabOptions, dir: &Path, etcd_bin: &Path) -> Result<Lab, La
             .arg("--docker-plugin")
             .arg("--docker-scope")
             .arg(opts.docker_scope.as_str())
+            .args(&opts.daemon_args)
             .env(
                 "RUST_LOG",
                 std::env::var("VXNET_LAB_LOG").unwrap_or_else(|_| "info".into()),
