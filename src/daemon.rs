@@ -50,6 +50,8 @@ pub struct DaemonConfig {
     pub netns_pool: usize,
     /// Serve names, forwarding the rest to the resolvers in this resolv.conf (`--dns`).
     pub dns: Option<PathBuf>,
+    /// Serve Prometheus metrics here (`--metrics-addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +220,15 @@ pub async fn run(
         }
         None => (None, None),
     };
+    let health = crate::health::spawn_publisher(crate::health::Sources {
+        store: store.clone(),
+        keys: Keys::new(&config.store_prefix),
+        node: node.clone(),
+        membership: membership.clone(),
+        view: view.clone(),
+        reconciler: reconciler.clone(),
+    });
+    let change_clock = health.clock.clone();
     tokio::spawn(reconciler.clone().run());
     tokio::spawn(reconciler.clone().follow_members());
     tokio::spawn(start_up_resync(
@@ -229,6 +240,7 @@ pub async fn run(
         plugin.clone(),
     ));
     let firewall_owner = reconciler.clone();
+    let membership_for_ready = membership.clone();
     let pool_owner = containers.clone();
     let app = router(Arc::new(ApiState {
         cluster,
@@ -236,9 +248,25 @@ pub async fn run(
         reconciler,
         view,
         membership,
-        node,
+        node: node.clone(),
         docker_plugin: plugin,
+        change_clock,
     }));
+    // Ready for systemd (Type=notify) once this node is registered: engines ordered after
+    // vxnet then find their plugin, and the API answers with the cluster in view.
+    let mut registered = membership_for_ready.registered();
+    let ready_name = node.name.clone();
+    tokio::spawn(async move {
+        crate::systemd::notify(&[crate::systemd::Notice::Status(
+            "registering in the cluster store",
+        )]);
+        if registered.wait_for(|r| *r).await.is_ok() {
+            crate::systemd::notify(&[
+                crate::systemd::Notice::Ready,
+                crate::systemd::Notice::Status(&format!("serving as node {ready_name}")),
+            ]);
+        }
+    });
     tracing::info!(
         socket = %config.socket.display(),
         store = %store.describe(),
@@ -254,6 +282,7 @@ pub async fn run(
         let _ = std::fs::remove_file(&pc.socket);
     }
     pool_owner.drain_namespace_pool();
+    health.publish_stopped().await;
     // A clean stop leaves no rule of ours behind (a restart programs them again).
     if let Err(e) = firewall_owner.remove_firewall().await {
         tracing::warn!(error = %e, "cannot remove vxnet's nftables table");

@@ -108,6 +108,11 @@ impl Membership {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// True while this node is registered under a live lease.
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        self.registered.subscribe()
+    }
+
     /// Changes whenever the node registers with a lease (the first time, and again after
     /// its lease expired).
     pub fn leases(&self) -> watch::Receiver<Option<LeaseId>> {

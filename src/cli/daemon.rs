@@ -1,139 +1,161 @@
-//! `vxnet daemon`.
+//! `vxnet daemon`: flags and `/etc/vxnet/daemon.json` (src/config.rs), the logger, reloads on
+//! SIGHUP, and the daemon itself.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::daemon::{parse_advertise, DaemonConfig};
-use crate::store::keys::DEFAULT_PREFIX;
+use crate::config::{reload_plan, ConfigError, Layers, LogConfig, LogFormat, Settings};
+use crate::systemd::{notify, Notice};
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// Where the cluster store is: etcd://HOST:PORT[,HOST:PORT…]
-    #[arg(long, env = "VXNET_CLUSTER_STORE")]
-    cluster_store: String,
-    /// How peers reach this host: IP[:PORT] of its underlay interface (the VXLAN endpoint).
-    #[arg(long, env = "VXNET_CLUSTER_ADVERTISE")]
-    cluster_advertise: String,
-    /// This host's name in the cluster (default: the hostname).
+    /// The configuration file: a JSON object whose keys are the flags below without `--`
+    /// (a key may not be given both there and as a flag) [default: /etc/vxnet/daemon.json,
+    /// none if it does not exist]
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Check the configuration (file and flags) and print it, secrets masked; exit 0 when it
+    /// is valid, 1 when not. Starts nothing.
+    #[arg(long, conflicts_with = "check_configured")]
+    validate: bool,
+    /// For systemd's ExecCondition: exit 0 when the configuration names a cluster store and is
+    /// valid, 1 when it names none (systemd skips the unit), 255 when it is invalid (the unit
+    /// fails, with the reason in the journal). Starts nothing.
     #[arg(long)]
-    node_name: Option<String>,
-    /// Persistent state (node ID, lease).
-    #[arg(long, default_value = "/var/lib/vxnet")]
-    state_dir: PathBuf,
-    /// Runtime state (namespaces, pid files).
-    #[arg(long, default_value = "/run/vxnet")]
-    run_dir: PathBuf,
-    /// The API socket.
-    #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Key prefix in the cluster store (several clusters can share one etcd).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    store_prefix: String,
-    /// Seconds without a keep-alive after which this host counts as dead.
-    #[arg(long, default_value_t = 15)]
-    lease_ttl: u64,
-    /// etcd credentials as USER:PASSWORD (when etcd's auth is on).
-    #[arg(long, env = "VXNET_ETCD_USER", hide_env_values = true)]
-    etcd_user: Option<String>,
-    /// Store option KEY=VALUE, repeatable: kv.cacertfile=PATH (TLS to etcd, trusting this CA),
-    /// kv.certfile=PATH and kv.keyfile=PATH (this host's client certificate).
-    #[arg(long = "cluster-store-opt", value_name = "KEY=VALUE")]
-    cluster_store_opt: Vec<String>,
-    /// Subnet of this host's gateway bridge (containers' eth1, NAT'd); pick one that does not
-    /// collide with your networks.
-    #[arg(long, default_value = crate::reconcile::GatewayConfig::DEFAULT_SUBNET)]
-    gateway_bridge_subnet: ipnet::Ipv4Net,
-    /// Let this group use the API socket too (it is root-only, mode 0660, otherwise).
-    #[arg(long)]
-    socket_group: Option<String>,
-    /// Serve Docker's network and IPAM plugin protocols: `docker network create -d vxnet`.
-    #[arg(long)]
-    docker_plugin: bool,
-    /// Where the plugin listens (Docker finds plugins by socket in /run/docker/plugins).
-    #[arg(long, default_value = crate::docker::DEFAULT_SOCKET, requires = "docker_plugin")]
-    docker_plugin_socket: PathBuf,
-    /// The Docker engines' kind: local (no --cluster-store: run `docker network create` on
-    /// every host) or global (engines started with --cluster-store: create once).
-    #[arg(long, default_value = "local", requires = "docker_plugin")]
-    docker_scope: crate::docker::Scope,
-    /// The local Docker engine's API, where Docker containers' names and network aliases
-    /// are learned for the name server.
-    #[arg(
-        long,
-        default_value = "unix:///var/run/docker.sock",
-        requires = "docker_plugin"
-    )]
-    docker_host: String,
-    /// Container network namespaces kept ready ahead of `run` (each saves a create 1-2 ms;
-    /// 0 makes every one on demand).
-    #[arg(long, default_value_t = crate::container::nspool::DEFAULT_SIZE)]
-    netns_pool: usize,
-    /// Serve containers' names on 169.254.53.53 in every network (`--dns=false`: off).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    dns: bool,
-    /// The resolvers names outside vxnet's networks are forwarded to (re-read on change).
-    #[arg(long, default_value = "/etc/resolv.conf")]
-    resolv_conf: PathBuf,
+    check_configured: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
-pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+type LogHandle = reload::Handle<EnvFilter, Registry>;
 
-    let (advertise_addr, advertise_port) = parse_advertise(&args.cluster_advertise)?;
-    let node_name = match args.node_name {
-        Some(n) => n,
-        None => nix::unistd::gethostname()
-            .context("cannot read the hostname: give --node-name")?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    let etcd_user = match args.etcd_user {
-        Some(s) => {
-            let (u, p) = s
-                .split_once(':')
-                .filter(|(u, _)| !u.is_empty())
-                .context("--etcd-user must be USER:PASSWORD")?;
-            Some((u.to_string(), p.to_string()))
-        }
-        None => None,
-    };
-    let config = DaemonConfig {
-        cluster_store: args.cluster_store,
-        advertise_addr,
-        advertise_port,
-        node_name,
-        state_dir: args.state_dir,
-        run_dir: args.run_dir,
-        socket: args.socket,
-        store_prefix: args.store_prefix,
-        lease_ttl: Duration::from_secs(args.lease_ttl),
-        etcd_user,
-        store_opts: args.cluster_store_opt,
-        gateway_subnet: args.gateway_bridge_subnet,
-        socket_group: args.socket_group,
-        docker_plugin: args.docker_plugin.then_some(crate::docker::PluginConfig {
-            socket: args.docker_plugin_socket,
-            scope: args.docker_scope,
-            engine: PathBuf::from(
-                args.docker_host
-                    .strip_prefix("unix://")
-                    .unwrap_or(&args.docker_host),
-            ),
-        }),
-        netns_pool: args.netns_pool,
-        dns: args.dns.then_some(args.resolv_conf),
-    };
-    crate::daemon::run(config, shutdown_signal()).await?;
+pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    if args.check_configured {
+        return Ok(check_configured(args.settings, args.config_file));
+    }
+    let (layers, merged) = Layers::load(args.settings, args.config_file.as_deref())?;
+    let resolved = layers.resolve(&merged)?;
+    if args.validate {
+        println!("configuration OK ({})", layers.path.display());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&merged.to_masked_json())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let log = init_logging(&resolved.log);
+    if layers.file != Settings::default() {
+        tracing::info!(file = %layers.path.display(), "configuration file read");
+    }
+    spawn_reloader(layers, merged, log);
+    crate::daemon::run(resolved.daemon, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--check-configured`: systemd's ExecCondition reads 1..=254 as "skip" and 255 as "fail".
+fn check_configured(flags: Settings, file: Option<PathBuf>) -> ExitCode {
+    let result = Layers::load(flags, file.as_deref())
+        .and_then(|(layers, merged)| layers.resolve(&merged).map(|_| ()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ConfigError::NoClusterStore { .. }) => {
+            eprintln!("vxnet: not starting: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("vxnet: invalid configuration: {e}");
+            ExitCode::from(255)
+        }
+    }
+}
+
+fn init_logging(log: &LogConfig) -> LogHandle {
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(&log.level));
+    let output = match log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        // One object per line, the event's fields at the top level beside level and time.
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    handle
+}
+
+/// SIGHUP re-reads the configuration file: the log level changes at once; any other changed
+/// key is named as needing a restart (the running daemon keeps its value); a file that does
+/// not parse or check leaves everything as it was.
+fn spawn_reloader(layers: Layers, running: Settings, log: LogHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP: configuration reloads are off");
+        return;
+    };
+    tokio::spawn(async move {
+        let mut running = running;
+        while hup.recv().await.is_some() {
+            notify(&[Notice::Reloading]);
+            match reload(&layers, &mut running, &log) {
+                Ok(status) => notify(&[Notice::Ready, Notice::Status(&status)]),
+                Err(e) => {
+                    tracing::error!(error = %e, file = %layers.path.display(),
+                        "configuration not reloaded: fix the file and send SIGHUP again; running with the previous configuration");
+                    notify(&[
+                        Notice::Ready,
+                        Notice::Status(&format!("reload failed: {e}")),
+                    ]);
+                }
+            }
+        }
+    });
+}
+
+fn reload(layers: &Layers, running: &mut Settings, log: &LogHandle) -> Result<String, ConfigError> {
+    let file = Settings::from_file(&layers.path, layers.required)?;
+    let merged = Settings::merge(&layers.flags, &file, &layers.path)?;
+    let next = Layers {
+        file,
+        ..layers.clone()
+    };
+    let resolved = next.resolve(&merged)?;
+    let plan = reload_plan(running, &merged);
+    for (key, old, new) in &plan.apply {
+        if key == "log-level" {
+            if let Err(e) = log.reload(EnvFilter::new(&resolved.log.level)) {
+                tracing::warn!(error = %e, "cannot change the log level");
+                continue;
+            }
+            running.log_level = merged.log_level.clone();
+        }
+        tracing::info!(key = %key, old = %old, new = %new, "configuration reloaded: applied");
+    }
+    for key in &plan.restart {
+        tracing::warn!(key = %key, file = %layers.path.display(),
+            "configuration changed, but this key takes effect only after a restart (systemctl restart vxnet); the running daemon keeps its old value");
+    }
+    Ok(match (plan.apply.len(), plan.restart.len()) {
+        (0, 0) => {
+            tracing::info!(file = %layers.path.display(), "configuration reloaded: nothing changed");
+            "configuration reloaded: nothing changed".to_string()
+        }
+        (_, 0) => "configuration reloaded".to_string(),
+        (_, _) => format!(
+            "configuration reloaded; needs a restart for: {}",
+            plan.restart.join(", ")
+        ),
+    })
 }
 
 /// Registers the SIGTERM/SIGINT handlers now, not when the returned future is first polled:
@@ -152,6 +174,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        notify(&[Notice::Stopping]);
         tracing::info!("shutting down");
     }
 }

@@ -5,6 +5,7 @@ mod container;
 mod daemon;
 mod lab;
 mod network;
+mod node;
 
 use std::process::ExitCode;
 
@@ -40,10 +41,13 @@ enum FirewallCommand {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the per-host agent (the counterpart of `dockerd --cluster-store …`).
-    Daemon(daemon::DaemonArgs),
+    Daemon(Box<daemon::DaemonArgs>),
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// The cluster's hosts and their health.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// Run a command in a new container (network + UTS namespace) on a network.
     Run(container::RunArgs),
     /// Run a command inside a running container.
@@ -121,8 +125,9 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let _ = DEFAULT_SOCKET; // the default above spells the same path
     match cli.command {
-        Command::Daemon(args) => daemon::run(args).await,
+        Command::Daemon(args) => daemon::run(*args).await,
         Command::Network(cmd) => network::run(&client(&cli.host)?, cmd).await,
+        Command::Node(cmd) => node::run(&client(&cli.host)?, cmd).await,
         Command::Info { format } => info(&client(&cli.host)?, format.as_deref()).await,
         Command::Run(args) => container::run(&client(&cli.host)?, args).await,
         Command::Exec(args) => container::exec(&client(&cli.host)?, args).await,
