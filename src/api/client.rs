@@ -146,6 +146,21 @@ impl Client {
         self.call(Method::GET, "/v1/info", None::<&()>).await
     }
 
+    /// Every host of the cluster with its health (`vxnet node ls`).
+    pub async fn node_ls(&self) -> Result<Vec<crate::health::NodeStatus>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None::<&()>).await
+    }
+
+    /// Forgets a host that is gone (`vxnet node rm`).
+    pub async fn node_rm(&self, reference: &str) -> Result<crate::health::NodeStatus, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/nodes/{}", escape(reference)),
+            None::<&()>,
+        )
+        .await
+    }
+
     pub async fn network_ls(&self) -> Result<Vec<Network>, ClientError> {
         self.call(Method::GET, "/v1/networks", None::<&()>).await
     }

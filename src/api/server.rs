@@ -36,6 +36,8 @@ pub struct ApiState {
     pub node: Node,
     /// Served with `--docker-plugin`: its call counts show in `vxnet info`.
     pub docker_plugin: Option<Arc<crate::docker::plugin::DockerPlugin>>,
+    /// When this host's view last changed (for lag in `vxnet node ls`).
+    pub change_clock: Arc<crate::health::ChangeClock>,
 }
 
 type AppState = Arc<ApiState>;
@@ -67,6 +69,19 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<crate::health::HealthError> for ApiError {
+    fn from(e: crate::health::HealthError) -> Self {
+        use crate::health::HealthError as H;
+        let status = match &e {
+            H::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            H::NoSuchNode(_) => StatusCode::NOT_FOUND,
+            H::Ambiguous(_) => StatusCode::BAD_REQUEST,
+            H::Alive(_) => StatusCode::CONFLICT,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(ErrorBody { message: self.1 })).into_response()
@@ -78,6 +93,8 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/info", get(info))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{reference}", axum::routing::delete(remove_node))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route(
             "/v1/networks/{reference}",
@@ -143,6 +160,40 @@ fn with_synced<R>(state: &ApiState, f: impl FnOnce(&ClusterView) -> ApiResult<R>
         }
         f(view)
     })
+}
+
+async fn node_statuses(state: &ApiState) -> Result<Vec<crate::health::NodeStatus>, ApiError> {
+    crate::health::cluster_status(
+        state.cluster.store().as_ref(),
+        state.cluster.keys(),
+        &state.view,
+        &state.node.id,
+        &state.change_clock,
+    )
+    .await
+    .map_err(|e| crate::health::HealthError::from(e).into())
+}
+
+async fn list_nodes(
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<crate::health::NodeStatus>>> {
+    Ok(Json(node_statuses(&state).await?))
+}
+
+async fn remove_node(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<crate::health::NodeStatus>> {
+    let statuses = node_statuses(&state).await?;
+    Ok(Json(
+        crate::health::remove_node(
+            state.cluster.store().as_ref(),
+            state.cluster.keys(),
+            &statuses,
+            &reference,
+        )
+        .await?,
+    ))
 }
 
 async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {

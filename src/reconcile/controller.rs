@@ -200,7 +200,10 @@ impl Reconciler {
                     if changed.is_err() {
                         return;
                     }
+                    let revision = *revisions.borrow_and_update();
                     self.sync_peers().await;
+                    self.programmed_revision
+                        .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
                 }
                 _ = async {
                     match retry {

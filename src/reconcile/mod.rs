@@ -102,6 +102,9 @@ pub struct Reconciler {
     /// Wakes the run loop when a failure is recorded elsewhere (a resync), so that its
     /// retry timer covers it.
     failures_changed: tokio::sync::Notify,
+    /// The view revision the last peer sync started from: everything up to it is programmed
+    /// (but for the networks in `failing`). Published in this host's health report.
+    programmed_revision: std::sync::atomic::AtomicI64,
     underlay: Mutex<Option<Underlay>>,
     gateway: GatewayConfig,
     /// The gateway bridge's index once it exists (made with the first container that needs it).
@@ -138,6 +141,7 @@ impl Reconciler {
             state: std::sync::Mutex::new(HashMap::new()),
             failing: std::sync::Mutex::new(HashMap::new()),
             failures_changed: tokio::sync::Notify::new(),
+            programmed_revision: std::sync::atomic::AtomicI64::new(0),
             underlay: Mutex::new(None),
             gateway: local.gateway,
             gateway_bridge: Mutex::new(None),
@@ -155,6 +159,12 @@ impl Reconciler {
     pub fn with_dns(self, dns: Arc<crate::dns::DnsServer>) -> Self {
         let _ = self.dns.set(dns);
         self
+    }
+
+    /// The view revision this host's data plane is programmed up to (see `run`).
+    pub fn programmed_revision(&self) -> i64 {
+        self.programmed_revision
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn dns(&self) -> Option<&Arc<crate::dns::DnsServer>> {

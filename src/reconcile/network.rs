@@ -48,6 +48,11 @@ impl Reconciler {
             .collect()
     }
 
+    /// How many networks this host holds a sandbox slot for (its health report).
+    pub fn programmed_networks(&self) -> usize {
+        lock(&self.state).len()
+    }
+
     /// Forgets an empty slot nobody else holds (a network this host no longer serves).
     pub(super) fn prune_slot(&self, net: &NetworkId) {
         let mut slots = lock(&self.state);

@@ -10,6 +10,7 @@
 //! | `endpoints/<network-id>/<endpoint-id>`| `Endpoint` JSON  | the node's |
 //! | `ipam/<network-id>/addrs/<ip>`        | endpoint or reservation ID | the node's |
 //! | `ipam/<network-id>/cursor`            | last given IP    | none       |
+//! | `health/<node-id>`                    | `HealthRecord` JSON | none (outlives the node, to show it down) |
 //!
 //! Endpoints and their address claims carry the lease of the node that owns them, so a host
 //! that dies takes its endpoints and addresses with it when its lease expires.
@@ -66,6 +67,13 @@ impl Keys {
     }
     pub fn node(&self, id: &NodeId) -> String {
         format!("{}nodes/{id}", self.prefix)
+    }
+    /// Every host's published health (`vxnet node ls`).
+    pub fn healths(&self) -> String {
+        format!("{}health/", self.prefix)
+    }
+    pub fn health(&self, id: &NodeId) -> String {
+        format!("{}health/{id}", self.prefix)
     }
     pub fn networks(&self) -> String {
         format!("{}networks/", self.prefix)

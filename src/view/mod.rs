@@ -36,6 +36,11 @@ pub struct ClusterView {
     pub cursors: BTreeMap<NetworkId, Ipv4Addr>,
     /// The store revision this view reflects (0 until the first list).
     pub revision: i64,
+    /// The revision of the last change to what the data plane is programmed from (nodes,
+    /// networks, endpoints): unlike `revision`, writes elsewhere under the prefix (hosts'
+    /// health reports, IPAM cursors) do not move it. A host whose programmed revision is
+    /// below another's desired revision lags behind it.
+    pub desired_revision: i64,
     /// Each network's endpoints by overlay address: the reconciler looks a changed address
     /// up here instead of scanning the network. IPAM keeps addresses unique per network.
     by_ip: HashMap<NetworkId, HashMap<Ipv4Addr, EndpointId>>,
@@ -104,6 +109,9 @@ impl ClusterView {
         ordered.sort_by_key(|kv| rank(kv));
         for kv in ordered {
             view.put(keys, kv);
+            if shapes_data_plane(&keys.classify(&kv.key)) {
+                view.desired_revision = view.desired_revision.max(kv.mod_revision);
+            }
         }
         view.revision = revision;
         view.peer_changes = PeerChanges {
@@ -117,6 +125,13 @@ impl ClusterView {
     /// logged once and listed in [`ClusterView::rejected`]: a stray, hostile or
     /// newer-format record must not stop the daemon nor reach the kernel.
     pub fn apply(&mut self, keys: &Keys, event: &WatchEvent) {
+        let (key, rev) = match event {
+            WatchEvent::Put(kv) => (&kv.key, kv.mod_revision),
+            WatchEvent::Delete { key, mod_revision } => (key, *mod_revision),
+        };
+        if shapes_data_plane(&keys.classify(key)) {
+            self.desired_revision = self.desired_revision.max(rev);
+        }
         match event {
             WatchEvent::Put(kv) => self.put(keys, kv),
             WatchEvent::Delete { key, .. } => {
@@ -447,6 +462,14 @@ impl ClusterView {
             .into_iter()
             .flat_map(|eps| eps.values())
     }
+}
+
+/// Whether a key's records decide what a host programs (see `desired_revision`).
+fn shapes_data_plane(kind: &KeyKind) -> bool {
+    matches!(
+        kind,
+        KeyKind::Node(_) | KeyKind::Network(_) | KeyKind::Endpoint(..) | KeyKind::Malformed { .. }
+    )
 }
 
 /// A shared, watch-fed view plus a channel announcing each revision it reaches.
