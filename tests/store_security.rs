@@ -288,10 +288,15 @@ async fn etcd_user_auth_right_password_works_wrong_one_is_named() {
     let c = common::cluster_with(opts).await;
     create_on_0_visible_on_1(&c).await;
 
-    let (d, info) = failing_daemon(
+    let (mut d, info) = failing_daemon(
         &c,
         2,
-        vec!["--etcd-user".into(), "root:wrong".into()],
+        vec![
+            "--etcd-user".into(),
+            "root:wrong".into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
         vec![],
     )
     .await;
@@ -302,6 +307,17 @@ async fn etcd_user_auth_right_password_works_wrong_one_is_named() {
         "{e}"
     );
     assert!(!e.contains("wrong"), "the password must not be shown: {e}");
+    // Its log is JSON, a line per event, and names the refusal without the password.
+    let log = d.process().log_tail(10_000);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["level"] == "WARN"), "{log}");
+    assert!(
+        !log.contains("wrong"),
+        "the password must not be logged: {log}"
+    );
     drop(d);
 
     let (_d, info) = failing_daemon(&c, 3, vec![], vec![]).await;
