@@ -50,6 +50,8 @@ pub struct DaemonConfig {
     pub netns_pool: usize,
     /// Serve names, forwarding the rest to the resolvers in this resolv.conf (`--dns`).
     pub dns: Option<PathBuf>,
+    /// Serve Prometheus metrics on `GET /metrics` here (`--metrics-addr`; off by default).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,11 @@ pub enum DaemonError {
     UnknownGroup(String),
     #[error("--lease-ttl must be between 2 s and 3600 s, not {0:?}")]
     InvalidTtl(Duration),
+    #[error("cannot serve metrics on --metrics-addr {addr}: {source}; give a free port on an address of this host")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
@@ -131,6 +138,14 @@ pub async fn run(
     };
 
     let listener = bind_socket(&config.socket, config.socket_group.as_deref()).await?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve::bind(addr)
+                .await
+                .map_err(|source| DaemonError::MetricsAddr { addr, source })?,
+        ),
+        None => None,
+    };
     let membership = spawn_membership(
         store.clone(),
         keys.clone(),
@@ -228,6 +243,17 @@ pub async fn run(
         plugin_state.clone(),
         plugin.clone(),
     ));
+    let metrics_server = metrics_listener.map(|listener| {
+        let registry = crate::metrics::registry(crate::metrics::collect::DaemonCollector {
+            node_id: node.id.clone(),
+            view: view.clone(),
+            reconciler: reconciler.clone(),
+            membership: membership.clone(),
+            docker_plugin: plugin.clone(),
+        });
+        tracing::info!(addr = ?config.metrics_addr, "serving Prometheus metrics on /metrics");
+        crate::metrics::serve::spawn(listener, registry)
+    });
     let firewall_owner = reconciler.clone();
     let pool_owner = containers.clone();
     let app = router(Arc::new(ApiState {
@@ -249,6 +275,9 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     if let (Some(server), Some(pc)) = (plugin_server, &config.docker_plugin) {
         server.abort();
         let _ = std::fs::remove_file(&pc.socket);

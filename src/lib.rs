@@ -17,6 +17,7 @@ pub mod firewall;
 pub mod format;
 pub mod ipam;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod node;

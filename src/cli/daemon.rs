@@ -78,6 +78,10 @@ pub struct DaemonArgs {
     /// The resolvers names outside vxnet's networks are forwarded to (re-read on change).
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Serve Prometheus metrics on http://IP:PORT/metrics (off unless given). No
+    /// authentication: bind an address only the monitoring system reaches.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -131,6 +135,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         }),
         netns_pool: args.netns_pool,
         dns: args.dns.then_some(args.resolv_conf),
+        metrics_addr: args.metrics_addr,
     };
     crate::daemon::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
