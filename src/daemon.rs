@@ -191,7 +191,8 @@ pub async fn run(
         Arc::new(crate::firewall::Nftables),
     )
     .with_plugin_ports(plugin_state.clone())
-    .with_store_endpoints(store_endpoints);
+    .with_store_endpoints(store_endpoints)
+    .with_host_services(config.metrics_addr.map(|a| a.port()).into_iter().collect());
     if let Some(dns) = dns {
         reconciler = reconciler.with_dns(dns);
     }

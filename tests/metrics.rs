@@ -81,7 +81,12 @@ fn scrape(lab: &TestLab, host: &str) -> Scrape {
             .contains("content-type: application/openmetrics-text"),
         "{head}"
     );
-    parse(body)
+    let scrape = parse(body);
+    // docs/metrics.md's sample scrape is copied from one of these.
+    if let Ok(dir) = std::env::var("VXNET_METRICS_SAMPLE_DIR") {
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{host}.txt")), body);
+    }
+    scrape
 }
 
 /// The parser: `prometheus_client.openmetrics.parser` (strict: it refuses a text without
@@ -136,6 +141,13 @@ print(json.dumps(out))
         })
         .collect();
     Scrape { samples, families }
+}
+
+/// Whether a TCP connection from inside `ns` to `to` is accepted (within 2 s).
+fn connects(ns: &vxnet::netns::NetNs, to: &str) -> bool {
+    let to: SocketAddr = to.parse().unwrap();
+    ns.run(move || std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)))
+        .is_ok()
 }
 
 fn info(lab: &TestLab, host: &str) -> Value {
@@ -245,6 +257,37 @@ async fn metrics_are_served_parsed_and_follow_the_cluster() {
             &[net[0], net[1], ("kind", "full")],
         )
         .unwrap_or(0.0);
+
+    // No container reaches a metrics listener (no authentication there): neither its own
+    // host's on any address, nor another member's. A port of the host that vxnet does not
+    // guard is reachable from the same container, so the probe itself works.
+    let c2 = lab.container_ns("vm2", "c2");
+    let open = common::tcp_echo_peer(
+        &lab.lab.host("vm2").unwrap().netns().unwrap(),
+        "0.0.0.0:9474".parse().unwrap(),
+    );
+    assert!(
+        connects(&c2, "172.18.0.1:9474"),
+        "the probe's control failed"
+    );
+    // The echo server may find the probe gone already: its answer does not matter.
+    let _ = open.join();
+    for to in ["192.0.2.6:9473", "172.18.0.1:9473", "192.0.2.7:9473"] {
+        assert!(
+            !connects(&c2, to),
+            "a container reached the metrics listener at {to}"
+        );
+    }
+    let table = lab.sh("vm2", &["nft", "list", "table", "inet", "vxnet"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!("iifname \"vxnet_gwbridge\" tcp dport {PORT} drop")),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("ip daddr @vteps tcp dport {PORT} drop")),
+        "{table}"
+    );
 
     // `vxnet reconcile` is a full reconcile of every network with something here.
     lab.vx("vm2", &["reconcile"]);
