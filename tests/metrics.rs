@@ -9,6 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 
+use common::cni::Call;
 use common::{wait_until, TestLab};
 use serde_json::Value;
 
@@ -84,7 +85,12 @@ fn scrape(lab: &TestLab, host: &str) -> Scrape {
     let scrape = parse(body);
     // docs/metrics.md's sample scrape is copied from one of these.
     if let Ok(dir) = std::env::var("VXNET_METRICS_SAMPLE_DIR") {
-        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{host}.txt")), body);
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::write(
+            std::path::Path::new(&dir).join(format!("{n:03}-{host}.txt")),
+            body,
+        );
     }
     scrape
 }
@@ -306,6 +312,43 @@ async fn metrics_are_served_parsed_and_follow_the_cluster() {
     let s = scrape(&lab, "vm2");
     assert!(s.value("vxnet_dns_queries_total", &[("result", "answered")]) > answered);
     assert!(s.value("vxnet_dns_names", &[]) >= 2.0);
+
+    // The CNI plugin's calls: a STATUS served ready, an ADD refused (no such network).
+    let ready = common::cni::conf("1.1.0", "n1");
+    assert!(lab.cni("vm2", &Call::new("STATUS", "", ""), &ready).ok);
+    let ns = lab.runtime_netns("vm2", "m1");
+    let refused = lab.cni(
+        "vm2",
+        &Call::new("ADD", "m1", &ns),
+        &common::cni::conf("1.1.0", "nonet"),
+    );
+    assert!(!refused.ok, "{refused:?}");
+    let s = scrape(&lab, "vm2");
+    assert_eq!(
+        s.value(
+            "vxnet_cni_requests_total",
+            &[("command", "status"), ("result", "ready")]
+        ),
+        1.0
+    );
+    let add_failures: f64 = s
+        .samples
+        .iter()
+        .filter(|x| {
+            x.name == "vxnet_cni_requests_total"
+                && x.labels["command"] == "add"
+                && x.labels["result"] != "ok"
+        })
+        .map(|x| x.value)
+        .sum();
+    assert_eq!(add_failures, 1.0);
+    assert_eq!(
+        s.get(
+            "vxnet_cni_requests_total",
+            &[("command", "add"), ("result", "ok")]
+        ),
+        None
+    );
 
     // A bad network record written straight into etcd: refused, and counted, on both hosts.
     let prefix = info(&lab, "vm2")["store_prefix"]
