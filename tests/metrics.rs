@@ -475,3 +475,51 @@ async fn a_metrics_port_in_use_stops_the_daemon_with_a_clear_error() {
     // The first daemon still serves.
     assert_eq!(scrape(&lab, "vm2").value("vxnet_registered", &[]), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_shows_in_store_errors_and_watch_lag() {
+    let addr = format!("0.0.0.0:{PORT}");
+    let lab = TestLab::up_with(3, |o| {
+        o.daemon_args = vec!["--metrics-addr".into(), addr.clone()];
+    })
+    .await;
+    scrape_until(&lab, "vm2", |s| s.get("vxnet_registered", &[]) == Some(1.0));
+    let unreachable = |s: &Scrape| -> f64 {
+        s.samples
+            .iter()
+            .filter(|x| {
+                x.name == "vxnet_store_request_errors_total" && x.labels["kind"] == "unreachable"
+            })
+            .map(|x| x.value)
+            .sum()
+    };
+    let before = unreachable(&scrape(&lab, "vm2"));
+
+    assert!(lab.lab.stop_etcd(0).unwrap(), "etcd was not running");
+    // A write fails (the store cannot be reached) and is counted by operation and kind.
+    lab.vx_err(
+        "vm2",
+        &["network", "create", "--subnet", "10.0.62.0/24", "n2"],
+    );
+    let s = scrape(&lab, "vm2");
+    assert!(unreachable(&s) > before, "no unreachable error counted");
+    // The watch hears nothing: its lag grows past the progress interval (5 s) and on.
+    let s = scrape_until(&lab, "vm2", |s| {
+        s.get("vxnet_watch_lag_seconds", &[])
+            .is_some_and(|l| l > 8.0)
+    });
+    // The view still answers: the scrape is served from it.
+    assert_eq!(s.value("vxnet_nodes", &[]), 2.0);
+
+    lab.lab.start_etcd(0).await.unwrap();
+    // Back: the watch delivers again, so the lag falls back under the progress interval.
+    scrape_until(&lab, "vm2", |s| {
+        s.get("vxnet_watch_lag_seconds", &[])
+            .is_some_and(|l| l < 5.5)
+            && s.get("vxnet_registered", &[]) == Some(1.0)
+    });
+    lab.vx(
+        "vm2",
+        &["network", "create", "--subnet", "10.0.62.0/24", "n2"],
+    );
+}
