@@ -139,11 +139,12 @@ pub async fn run(
 
     let listener = bind_socket(&config.socket, config.socket_group.as_deref()).await?;
     let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(
+        Some(addr) => Some((
             crate::metrics::serve::bind(addr)
                 .await
                 .map_err(|source| DaemonError::MetricsAddr { addr, source })?,
-        ),
+            addr,
+        )),
         None => None,
     };
     let membership = spawn_membership(
@@ -244,7 +245,7 @@ pub async fn run(
         plugin_state.clone(),
         plugin.clone(),
     ));
-    let metrics_server = metrics_listener.map(|listener| {
+    let metrics_server = metrics_listener.map(|(listener, addr)| {
         let registry = crate::metrics::registry(crate::metrics::collect::DaemonCollector {
             node_id: node.id.clone(),
             view: view.clone(),
@@ -252,7 +253,7 @@ pub async fn run(
             membership: membership.clone(),
             docker_plugin: plugin.clone(),
         });
-        tracing::info!(addr = ?config.metrics_addr, "serving Prometheus metrics on /metrics");
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
         crate::metrics::serve::spawn(listener, registry)
     });
     let firewall_owner = reconciler.clone();
