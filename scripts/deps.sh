@@ -50,6 +50,8 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ethtool >/dev/null || need+=(ethtool)
 # The DNS benchmark's second anchor: Podman's name server.
 [ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
+# The metrics test parses a scrape with an independent OpenMetrics parser (the system python's).
+/usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need+=(python3-prometheus-client)
 # bench/run draws its charts with the system python's matplotlib (VXNET_DEPS_CHARTS=1).
 if [ "${VXNET_DEPS_CHARTS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
   need+=(python3-matplotlib)

@@ -50,7 +50,7 @@ pub struct DaemonConfig {
     pub netns_pool: usize,
     /// Serve names, forwarding the rest to the resolvers in this resolv.conf (`--dns`).
     pub dns: Option<PathBuf>,
-    /// Serve Prometheus metrics here (`--metrics-addr`).
+    /// Serve Prometheus metrics on `GET /metrics` here (`--metrics-addr`; off by default).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -73,6 +73,11 @@ pub enum DaemonError {
     UnknownGroup(String),
     #[error("--lease-ttl must be between 2 s and 3600 s, not {0:?}")]
     InvalidTtl(Duration),
+    #[error("cannot serve metrics on --metrics-addr {addr}: {source}; give a free port on an address of this host")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
@@ -133,6 +138,15 @@ pub async fn run(
     };
 
     let listener = bind_socket(&config.socket, config.socket_group.as_deref()).await?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some((
+            crate::metrics::serve::bind(addr)
+                .await
+                .map_err(|source| DaemonError::MetricsAddr { addr, source })?,
+            addr,
+        )),
+        None => None,
+    };
     let membership = spawn_membership(
         store.clone(),
         keys.clone(),
@@ -178,7 +192,8 @@ pub async fn run(
         Arc::new(crate::firewall::Nftables),
     )
     .with_plugin_ports(plugin_state.clone())
-    .with_store_endpoints(store_endpoints);
+    .with_store_endpoints(store_endpoints)
+    .with_host_services(config.metrics_addr.map(|a| a.port()).into_iter().collect());
     if let Some(dns) = dns {
         reconciler = reconciler.with_dns(dns);
     }
@@ -239,6 +254,17 @@ pub async fn run(
         plugin_state.clone(),
         plugin.clone(),
     ));
+    let metrics_server = metrics_listener.map(|(listener, addr)| {
+        let registry = crate::metrics::registry(crate::metrics::collect::DaemonCollector {
+            node_id: node.id.clone(),
+            view: view.clone(),
+            reconciler: reconciler.clone(),
+            membership: membership.clone(),
+            docker_plugin: plugin.clone(),
+        });
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        crate::metrics::serve::spawn(listener, registry)
+    });
     let firewall_owner = reconciler.clone();
     let membership_for_ready = membership.clone();
     let pool_owner = containers.clone();
@@ -277,6 +303,9 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     if let (Some(server), Some(pc)) = (plugin_server, &config.docker_plugin) {
         server.abort();
         let _ = std::fs::remove_file(&pc.socket);

@@ -19,6 +19,7 @@ pub mod format;
 pub mod health;
 pub mod ipam;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod node;

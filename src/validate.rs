@@ -48,7 +48,7 @@ pub enum Rejection {
 }
 
 /// What kind of record a key names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RecordKind {
     Node,
     Network,

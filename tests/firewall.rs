@@ -79,6 +79,7 @@ fn ruleset(bridge: &str, ports: Vec<PortMapping>) -> Ruleset {
         vxlan_port: 4789,
         vteps: vec![Ipv4Addr::new(192, 0, 2, 5), Ipv4Addr::new(192, 0, 2, 6)],
         store: vec!["192.0.2.5:2379".parse().unwrap()],
+        host_services: vec![],
     }
 }
 

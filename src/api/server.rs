@@ -468,39 +468,71 @@ async fn reconcile(State(state): State<AppState>) -> ApiResult<Json<ResyncReport
 
 // The CNI plugin's calls (`vxnet-cni`, src/cni/): see docs/api.md.
 
+/// Serves one CNI request and counts it by command and outcome (docs/metrics.md).
+async fn cni_counted<T>(
+    command: &'static str,
+    serve: impl std::future::Future<Output = ApiResult<T>>,
+) -> ApiResult<T> {
+    let served = serve.await;
+    let result = match &served {
+        Ok(_) => "ok",
+        Err(ApiError(status, _)) => match *status {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            s if s.is_client_error() => "invalid",
+            _ => "internal",
+        },
+    };
+    crate::metrics::cni_request(command, result);
+    served
+}
+
 async fn cni_add(
     State(state): State<AppState>,
     body: Result<Json<crate::cni::requests::AddRequest>, JsonRejection>,
 ) -> ApiResult<Json<crate::cni::requests::Attachment>> {
-    let Json(req) = body?;
-    Ok(Json(state.containers.cni_add(req).await?))
+    cni_counted("add", async {
+        let Json(req) = body?;
+        Ok(Json(state.containers.cni_add(req).await?))
+    })
+    .await
 }
 
 async fn cni_del(
     State(state): State<AppState>,
     body: Result<Json<crate::cni::requests::AttachmentRef>, JsonRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let Json(req) = body?;
-    state.containers.cni_del(req).await?;
-    Ok(Json(serde_json::json!({})))
+    cni_counted("del", async {
+        let Json(req) = body?;
+        state.containers.cni_del(req).await?;
+        Ok(Json(serde_json::json!({})))
+    })
+    .await
 }
 
 async fn cni_check(
     State(state): State<AppState>,
     body: Result<Json<crate::cni::requests::AttachmentRef>, JsonRejection>,
 ) -> ApiResult<Json<crate::cni::requests::Attachment>> {
-    let Json(req) = body?;
-    Ok(Json(state.containers.cni_check(req).await?))
+    cni_counted("check", async {
+        let Json(req) = body?;
+        Ok(Json(state.containers.cni_check(req).await?))
+    })
+    .await
 }
 
 async fn cni_gc(
     State(state): State<AppState>,
     body: Result<Json<crate::cni::requests::GcRequest>, JsonRejection>,
 ) -> ApiResult<Json<crate::cni::requests::GcReport>> {
-    let Json(req) = body?;
-    Ok(Json(
-        state.containers.cni_gc(&req.network, &req.valid).await?,
-    ))
+    cni_counted("gc", async {
+        let Json(req) = body?;
+        Ok(Json(
+            state.containers.cni_gc(&req.network, &req.valid).await?,
+        ))
+    })
+    .await
 }
 
 #[derive(serde::Deserialize)]
@@ -515,6 +547,16 @@ const STATUS_PROBE: Duration = Duration::from_secs(2);
 /// the store answers (an ADD claims its address there), and the network exists.
 async fn cni_status(
     State(state): State<AppState>,
+    q: axum::extract::Query<StatusQuery>,
+) -> Json<crate::cni::requests::Status> {
+    let status = cni_readiness(state, q).await;
+    let result = if status.ready { "ready" } else { "not_ready" };
+    crate::metrics::cni_request("status", result);
+    status
+}
+
+async fn cni_readiness(
+    state: AppState,
     axum::extract::Query(q): axum::extract::Query<StatusQuery>,
 ) -> Json<crate::cni::requests::Status> {
     use crate::cni::requests::Status;

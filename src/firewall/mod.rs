@@ -32,6 +32,7 @@
 //!         oifname "vxnet_gwbridge" ct state established,related accept
 //!         oifname "vxnet_gwbridge" ct status dnat accept
 //!         oifname "vxnet_gwbridge" drop
+//!         ip daddr @vteps tcp dport 9473 drop             (--metrics-addr's port, if any)
 //!     }
 //!     chain input {
 //!         type filter hook input priority filter; policy accept;
@@ -39,7 +40,8 @@
 //!         iifname "vxnet_gwbridge" udp dport 4789 drop
 //!         iifname "vxnet_gwbridge" ip daddr 192.0.2.5 tcp dport 2379 drop
 //!         iifname "vxnet_gwbridge" ip daddr 192.0.2.5 tcp dport 2380 drop
-//!         (the same three for "docker_gwbridge")
+//!         iifname "vxnet_gwbridge" tcp dport 9473 drop    (--metrics-addr's port, if any)
+//!         (the same for "docker_gwbridge")
 //!     }
 //! }
 //! ```
@@ -106,6 +108,9 @@ pub struct Ruleset {
     /// The cluster store's members (client address and port): containers reach neither this
     /// port nor the peer port after it.
     pub store: Vec<SocketAddrV4>,
+    /// TCP ports of vxnet's own services on the hosts (the metrics listener): containers
+    /// reach them neither on this host (any of its addresses) nor on a member VTEP.
+    pub host_services: Vec<u16>,
 }
 
 impl Ruleset {
@@ -253,6 +258,7 @@ mod tests {
             vxlan_port: 4789,
             vteps: vec![],
             store: vec![],
+            host_services: vec![],
         }
     }
 

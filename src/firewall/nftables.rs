@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use nftnl::expr::{
     Bitwise, Cmp, CmpOp, Conntrack, ConntrackStatus, Counter, Expression, Immediate,
-    Ipv4HeaderField, Masquerade, Meta, Nat, NatType, NetworkHeaderField, Payload, Register, States,
-    TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
+    Ipv4HeaderField, Lookup, Masquerade, Meta, Nat, NatType, NetworkHeaderField, Payload, Register,
+    States, TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
 };
 use nftnl::nftnl_sys as sys;
 use nftnl::set::Set;
@@ -196,6 +196,35 @@ impl Firewall for Nftables {
                     format!("add the store drop rule for {addr}:{port} in chain input"),
                 );
             }
+            // Nor vxnet's own services (metrics: no authentication), on any address here.
+            for port in &ruleset.host_services {
+                let mut r = Rule::new(&input);
+                r.add_expr(&Meta::IifName);
+                r.add_expr(&Cmp::new(CmpOp::Eq, &from[..]));
+                match_dport(&mut r, Proto::Tcp, *port);
+                r.add_expr(&Verdict::Drop);
+                b.add(
+                    &r,
+                    MsgType::Add,
+                    format!("add the host service drop rule for port {port} in chain input"),
+                );
+            }
+        }
+        // Nor those of the other member hosts, through this one (after the set it names).
+        for port in &ruleset.host_services {
+            let mut r = Rule::new(&fwd);
+            match_ipv4(&mut r);
+            r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+                Ipv4HeaderField::Daddr,
+            )));
+            r.add_expr(&Lookup::new(&vteps));
+            match_dport(&mut r, Proto::Tcp, *port);
+            r.add_expr(&Verdict::Drop);
+            b.add(
+                &r,
+                MsgType::Add,
+                format!("add the member service drop rule for port {port} in chain forward"),
+            );
         }
 
         b.send()

@@ -11,6 +11,7 @@ use super::{sandbox_name, Reconciler};
 use crate::backoff::Backoff;
 use crate::dataplane;
 use crate::error::Error;
+use crate::metrics::{self, ReconcileKind};
 use crate::model::NetworkId;
 use crate::sync::lock;
 
@@ -52,7 +53,9 @@ impl Reconciler {
             if plan.is_empty() {
                 continue;
             }
-            match apply_plan(&p.sandbox, &plan).await {
+            let applied = apply_plan(&p.sandbox, &plan).await;
+            metrics::reconcile_run(id.as_str(), ReconcileKind::Peers, applied.is_err());
+            match applied {
                 Ok(()) => plan.record(&mut p.peers),
                 // What was programmed is unknown now: the retry reads the kernel back.
                 Err(e) => self.network_failed(&id, &e),
@@ -139,7 +142,9 @@ impl Reconciler {
             }
         }
         for id in &networks {
-            match self.reconcile_network(id).await {
+            let done = self.reconcile_network(id).await;
+            metrics::reconcile_run(id.as_str(), ReconcileKind::Full, done.is_err());
+            match done {
                 Ok(done) => {
                     self.network_recovered(id);
                     report.add(done);
@@ -178,7 +183,9 @@ impl Reconciler {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            match self.reconcile_network(&id).await {
+            let done = self.reconcile_network(&id).await;
+            metrics::reconcile_run(id.as_str(), ReconcileKind::Full, done.is_err());
+            match done {
                 Ok(_) => self.network_recovered(&id),
                 Err(e) => self.network_failed(&id, &e),
             }

@@ -130,6 +130,7 @@ impl Reconciler {
             vxlan_port: super::VXLAN_PORT,
             vteps: self.vteps(),
             store: self.store.clone(),
+            host_services: self.host_services.clone(),
         }
     }
 

@@ -120,6 +120,8 @@ pub struct Reconciler {
     plugin_ports: Option<Arc<dyn PluginPorts>>,
     /// The cluster store's members (IP literals only): no container may reach them.
     store: Vec<std::net::SocketAddrV4>,
+    /// TCP ports of this host's own services (the metrics listener): no container may reach them.
+    host_services: Vec<u16>,
     /// The name server, when DNS is on: it listens in every sandbox this host programs.
     dns: std::sync::OnceLock<Arc<crate::dns::DnsServer>>,
 }
@@ -150,6 +152,7 @@ impl Reconciler {
             firewall_stopped: Arc::new(Mutex::new(false)),
             plugin_ports: None,
             store: Vec::new(),
+            host_services: Vec::new(),
             dns: std::sync::OnceLock::new(),
         }
     }
@@ -180,6 +183,13 @@ impl Reconciler {
     /// The cluster store members that containers must not reach (client port and peer port).
     pub fn with_store_endpoints(mut self, store: Vec<std::net::SocketAddrV4>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// The TCP ports of vxnet's own host services (`--metrics-addr`) that containers must
+    /// not reach, here or on another member host.
+    pub fn with_host_services(mut self, ports: Vec<u16>) -> Self {
+        self.host_services = ports;
         self
     }
 

@@ -119,13 +119,22 @@ pub fn plan_peers(
 /// Removals first: an address whose MAC changed must lose its old entries before the new
 /// ones go in (the removal checks what it deletes, but by MAC and address, not by owner).
 pub(super) async fn apply_plan(sandbox: &Sandbox, plan: &PeerPlan) -> Result<(), Error> {
-    if !plan.stale.is_empty() {
-        dataplane::remove_peers(sandbox, &plan.stale).await?;
+    if plan.is_empty() {
+        return Ok(());
     }
-    if !plan.fresh.is_empty() {
-        dataplane::add_peers(sandbox, &plan.fresh).await?;
+    let started = std::time::Instant::now();
+    let applied = async {
+        if !plan.stale.is_empty() {
+            dataplane::remove_peers(sandbox, &plan.stale).await?;
+        }
+        if !plan.fresh.is_empty() {
+            dataplane::add_peers(sandbox, &plan.fresh).await?;
+        }
+        Ok(())
     }
-    Ok(())
+    .await;
+    crate::metrics::peers_programmed(started.elapsed());
+    applied
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use etcd_client::{
 use futures::StreamExt;
 use tonic::Code;
 
+use crate::metrics::{self, StoreOp};
+
 use super::{
     Compare, KeyValue, LeaseId, Listing, Op, Store, StoreError, TxnOutcome, WatchBatch, WatchEvent,
     WatchStream,
@@ -219,6 +221,9 @@ impl EtcdConfig {
         Some(t)
     }
 }
+
+/// A watch this long without a message asks etcd for a progress answer.
+const PROGRESS_AFTER: Duration = Duration::from_secs(5);
 
 /// gRPC's default 4 MB cap on one answer is reached by a listing (or a lagging watch's
 /// batch) of about 10,000 endpoints; the view must be able to hold far more.
@@ -483,6 +488,18 @@ fn map_err(config: &EtcdConfig, started: Instant, e: etcd_client::Error) -> Stor
     }
 }
 
+/// Runs one store request, recording its latency and any failure (docs/metrics.md).
+async fn timed<T>(
+    op: StoreOp,
+    request: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = request.await;
+    let failure = result.as_ref().err().map(StoreError::kind_label);
+    metrics::store_request(op, started.elapsed(), failure);
+    result
+}
+
 fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -524,24 +541,28 @@ fn to_op(op: Op) -> TxnOp {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = self
-            .call_retrying(|c| {
+        let resp = timed(
+            StoreOp::Get,
+            self.call_retrying(|c| {
                 let mut kv = c.kv_client();
                 let key = key.to_string();
                 async move { kv.get(key, None).await }
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(resp.kvs().first().map(to_kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let resp = self
-            .call_retrying(|c| {
+        let resp = timed(
+            StoreOp::List,
+            self.call_retrying(|c| {
                 let mut kv = c.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
                 let prefix = prefix.to_string();
                 async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(Listing {
             kvs: resp.kvs().iter().map(to_kv).collect(),
             revision: resp.header().map_or(0, |h| h.revision()),
@@ -558,13 +579,15 @@ impl Store for EtcdStore {
             .when(compares.into_iter().map(to_compare).collect::<Vec<_>>())
             .and_then(success.into_iter().map(to_op).collect::<Vec<_>>())
             .or_else(failure.into_iter().map(to_op).collect::<Vec<_>>());
-        let resp = self
-            .call_retrying(|c| {
+        let resp = timed(
+            StoreOp::Txn,
+            self.call_retrying(|c| {
                 let mut kv = c.kv_client();
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
-            })
-            .await?;
+            }),
+        )
+        .await?;
         let gets = resp
             .op_responses()
             .iter()
@@ -581,52 +604,67 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut lease = self.client().await?.lease_client();
-        let secs = ttl.as_secs().max(1) as i64;
-        let resp = self.call(lease.grant(secs, None)).await?;
-        Ok(resp.id())
+        timed(StoreOp::GrantLease, async {
+            let mut lease = self.client().await?.lease_client();
+            let secs = ttl.as_secs().max(1) as i64;
+            let resp = self.call(lease.grant(secs, None)).await?;
+            Ok(resp.id())
+        })
+        .await
     }
 
     async fn lease_ttl(&self, id: LeaseId) -> Result<Option<Duration>, StoreError> {
-        let mut lease = self.client().await?.lease_client();
-        let resp = self.call(lease.time_to_live(id, None)).await?;
-        // etcd answers -1 for a lease that does not exist (expired or revoked).
-        Ok((resp.ttl() > 0).then(|| Duration::from_secs(resp.ttl() as u64)))
+        timed(StoreOp::LeaseTtl, async {
+            let mut lease = self.client().await?.lease_client();
+            let resp = self.call(lease.time_to_live(id, None)).await?;
+            // etcd answers -1 for a lease that does not exist (expired or revoked).
+            Ok((resp.ttl() > 0).then(|| Duration::from_secs(resp.ttl() as u64)))
+        })
+        .await
     }
 
     async fn keep_alive_once(&self, id: LeaseId) -> Result<Duration, StoreError> {
-        let mut lease = self.client().await?.lease_client();
-        let refresh = async move {
-            let (mut keeper, mut stream) = lease.keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
-        };
-        match self.call(refresh).await {
-            Ok(Some(ttl)) if ttl > 0 => Ok(Duration::from_secs(ttl as u64)),
-            Ok(_) | Err(StoreError::LeaseNotFound(_)) => Err(StoreError::LeaseNotFound(id)),
-            Err(e) => Err(e),
-        }
+        timed(StoreOp::KeepAlive, async {
+            let mut lease = self.client().await?.lease_client();
+            let refresh = async move {
+                let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
+            };
+            match self.call(refresh).await {
+                Ok(Some(ttl)) if ttl > 0 => Ok(Duration::from_secs(ttl as u64)),
+                Ok(_) | Err(StoreError::LeaseNotFound(_)) => Err(StoreError::LeaseNotFound(id)),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client().await?.lease_client();
-        match self.call(lease.revoke(id)).await {
-            Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        timed(StoreOp::RevokeLease, async {
+            let mut lease = self.client().await?.lease_client();
+            match self.call(lease.revoke(id)).await {
+                Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<WatchStream, StoreError> {
-        let mut watch = self
-            .client()
-            .await?
-            .watch_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from)
             .with_progress_notify();
-        let stream = self.call(watch.watch(prefix, Some(opts))).await?;
+        let stream = timed(StoreOp::Watch, async {
+            let mut watch = self
+                .client()
+                .await?
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES);
+            self.call(watch.watch(prefix, Some(opts))).await
+        })
+        .await?;
         let config = self.config.clone();
         let batches = futures::stream::unfold(Some(stream), move |state| {
             let config = config.clone();
@@ -634,7 +672,15 @@ impl Store for EtcdStore {
                 let mut stream = state?;
                 loop {
                     let started = Instant::now();
-                    let msg = match stream.message().await {
+                    let next = match tokio::time::timeout(PROGRESS_AFTER, stream.message()).await {
+                        Ok(next) => next,
+                        // Quiet: ask etcd to confirm the watch is alive (the watch-lag metric).
+                        Err(_) => match stream.request_progress().await {
+                            Ok(()) => continue,
+                            Err(e) => return Some((Err(map_err(&config, started, e)), None)),
+                        },
+                    };
+                    let msg = match next {
                         Ok(Some(msg)) => msg,
                         Ok(None) => {
                             let e = unreachable(&config, started, "watch stream closed".into());
@@ -652,6 +698,13 @@ impl Store for EtcdStore {
                             StoreError::Rejected(format!("watch canceled: {}", msg.cancel_reason()))
                         };
                         return Some((Err(e), None));
+                    }
+                    metrics::watch_alive();
+                    // The answer to a progress request (watch ID -1, no events) proves the
+                    // stream alive and no more: etcd 3.4 may send it ahead of events still
+                    // queued, so its revision must not move the view on.
+                    if msg.watch_id() == -1 && msg.events().is_empty() {
+                        continue;
                     }
                     let mut revision = msg.header().map_or(0, |h| h.revision());
                     let mut events = Vec::with_capacity(msg.events().len());

@@ -152,6 +152,22 @@ pub enum StoreError {
     AuthRequired { endpoints: String, cause: String },
 }
 
+impl StoreError {
+    /// A short fixed word for the kind of failure: the `kind` label of the store error metric.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            StoreError::Unreachable { .. } => "unreachable",
+            StoreError::Rejected(_) => "rejected",
+            StoreError::Compacted { .. } => "compacted",
+            StoreError::LeaseNotFound(_) => "lease_not_found",
+            StoreError::InvalidUrl { .. } | StoreError::InvalidOption { .. } => "invalid_config",
+            StoreError::Tls { .. } => "tls",
+            StoreError::BadCredentials { .. } => "bad_credentials",
+            StoreError::AuthRequired { .. } => "auth_required",
+        }
+    }
+}
+
 /// The cluster store interface. Implementations are cheap to clone behind an `Arc`.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

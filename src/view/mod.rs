@@ -51,8 +51,8 @@ pub struct ClusterView {
     /// Records in the store that failed admission (see `validate`), by key: none of them is
     /// in the view. A rejected re-put of a record leaves its last accepted version in place.
     rejected: BTreeMap<String, RejectedRecord>,
-    /// How many times a record was refused since the daemon started.
-    rejections: u64,
+    /// How many times a record was refused since the daemon started, by kind.
+    rejections: BTreeMap<RecordKind, u64>,
 }
 
 /// A record the view refused, and why.
@@ -168,7 +168,7 @@ impl ClusterView {
     /// Records `kv` as refused. Logged when the key is refused for a new reason, not on
     /// every re-put of the same bad value.
     fn reject(&mut self, kind: RecordKind, kv: &KeyValue, reason: Rejection) {
-        self.rejections += 1;
+        *self.rejections.entry(kind).or_default() += 1;
         let retry = matches!(
             reason,
             Rejection::UnknownNetwork { .. } | Rejection::AddressTaken { .. }
@@ -214,7 +214,12 @@ impl ClusterView {
 
     /// How many refusals there were since the daemon started (re-puts included).
     pub fn rejections(&self) -> u64 {
-        self.rejections
+        self.rejections.values().sum()
+    }
+
+    /// The refusals since the daemon started, by kind of record (the metrics' series).
+    pub fn rejections_by_kind(&self) -> &BTreeMap<RecordKind, u64> {
+        &self.rejections
     }
 
     fn put(&mut self, keys: &Keys, kv: &KeyValue) {
@@ -563,11 +568,15 @@ async fn run_watcher(
         if need_list {
             match store.list(keys.prefix()).await {
                 Ok(listing) => {
-                    let fresh = ClusterView::from_kvs(&keys, &listing.kvs, listing.revision);
+                    let mut fresh = ClusterView::from_kvs(&keys, &listing.kvs, listing.revision);
                     let listed = listing.kvs.len();
                     drop(listing);
                     let rev = fresh.revision;
                     if let Ok(mut v) = view.write() {
+                        // Counted since start-up: a re-list adds its refusals to the earlier ones.
+                        for (kind, n) in &v.rejections {
+                            *fresh.rejections.entry(*kind).or_default() += n;
+                        }
                         *v = fresh;
                     }
                     // Set before the revision is announced, so a reader woken by it sees it.
