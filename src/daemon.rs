@@ -138,7 +138,8 @@ pub async fn run(
         config.lease_ttl,
         config.state_dir.clone(),
     );
-    let view = spawn_watcher(store.clone(), keys.clone());
+    let events = Arc::new(crate::events::EventHub::new());
+    let view = spawn_watcher(store.clone(), keys.clone(), events.clone());
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         keys,
@@ -229,6 +230,7 @@ pub async fn run(
         plugin.clone(),
     ));
     let firewall_owner = reconciler.clone();
+    let stop_events = events.clone();
     let pool_owner = containers.clone();
     let app = router(Arc::new(ApiState {
         cluster,
@@ -238,6 +240,7 @@ pub async fn run(
         membership,
         node,
         docker_plugin: plugin,
+        events,
     }));
     tracing::info!(
         socket = %config.socket.display(),
@@ -245,6 +248,11 @@ pub async fn run(
         advertise = %config.advertise_addr,
         "vxnet daemon serving"
     );
+    // Event streams end first, or the graceful shutdown would wait on their readers.
+    let shutdown = async move {
+        shutdown.await;
+        stop_events.close();
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
