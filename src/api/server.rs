@@ -36,6 +36,8 @@ pub struct ApiState {
     pub node: Node,
     /// Served with `--docker-plugin`: its call counts show in `vxnet info`.
     pub docker_plugin: Option<Arc<crate::docker::plugin::DockerPlugin>>,
+    /// The cluster events of the view's watch (`GET /v1/events`).
+    pub events: Arc<crate::events::EventHub>,
 }
 
 type AppState = Arc<ApiState>;
@@ -121,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cni/check", axum::routing::post(cni_check))
         .route("/v1/cni/gc", axum::routing::post(cni_gc))
         .route("/v1/cni/status", get(cni_status))
+        .route("/v1/events", get(events))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -184,6 +187,24 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
             dns,
         }
     })))
+}
+
+/// Streams cluster events as newline-delimited JSON (see `crate::events`).
+async fn events(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    use crate::events::{decode_query, ndjson, EventFilter};
+    let pairs = decode_query(query.as_deref().unwrap_or(""));
+    let filter = EventFilter::from_query(&pairs, std::time::SystemTime::now())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let sub = state.events.subscribe(filter.since);
+    let body = axum::body::Body::from_stream(ndjson(sub, filter));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
 }
 
 async fn list_networks(State(state): State<AppState>) -> ApiResult<Json<Vec<Network>>> {
