@@ -17,6 +17,7 @@ use vxnet::model::Id;
 struct Watcher {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    errors: Arc<Mutex<String>>,
 }
 
 impl Watcher {
@@ -25,9 +26,17 @@ impl Watcher {
         cmd.arg("events")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("vxnet events starts");
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let errors = Arc::new(Mutex::new(String::new()));
+        let err_sink = errors.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            err_sink.lock().unwrap().push_str(&text);
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
@@ -35,7 +44,27 @@ impl Watcher {
                 sink.lock().unwrap().push(line);
             }
         });
-        Watcher { child, lines }
+        Watcher {
+            child,
+            lines,
+            errors,
+        }
+    }
+
+    /// Waits for it to end by itself; returns whether it exited 0, and its stderr.
+    fn wait_exit(mut self) -> (bool, String) {
+        let mut status = None;
+        wait_until(|| {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        // Its stderr reader finishes with the process.
+        let mut errors = String::new();
+        wait_until(|| {
+            errors = self.errors.lock().unwrap().clone();
+            !errors.is_empty()
+        });
+        (status.unwrap().success(), errors)
     }
 
     /// Waits until a line's JSON matches `pick`; returns it.
@@ -320,4 +349,22 @@ async fn another_hosts_changes_stream_replay_and_filter_as_json_and_text() {
         .unwrap();
     assert_eq!(status, 400);
     assert!(String::from_utf8_lossy(&body).contains("colour"));
+
+    // A daemon that stops ends its streams (its graceful shutdown does not wait on them),
+    // and the CLI says so instead of hanging or exiting 0.
+    let on_vm3 = Watcher::start(&lab, "vm3", &["--format", "json"]);
+    let mut n = 0;
+    wait_until(|| {
+        // Until the stream is connected, a create is not in it: make another.
+        n += 1;
+        lab.vx("vm2", &["network", "create", &format!("green{n}")]);
+        !on_vm3.lines.lock().unwrap().is_empty()
+    });
+    assert!(lab.lab.stop_daemon("vm3").unwrap());
+    let (ok, errors) = on_vm3.wait_exit();
+    assert!(!ok, "a stream the daemon ended is not a success: {errors}");
+    assert!(
+        errors.contains("the daemon ended the event stream"),
+        "{errors}"
+    );
 }

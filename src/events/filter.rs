@@ -172,8 +172,8 @@ fn on_network(e: &Event, reference: &str) -> bool {
         EventType::Endpoint => {
             a.network.as_deref() == Some(reference)
                 || a.network_id
-                    .as_deref()
-                    .is_some_and(|id| id_matches(id, reference))
+                    .as_ref()
+                    .is_some_and(|id| id_matches(id.as_str(), reference))
         }
         EventType::Node | EventType::Record => false,
     }
@@ -189,8 +189,8 @@ fn on_node(e: &Event, reference: &str) -> bool {
         EventType::Endpoint | EventType::Network => {
             a.host.as_deref() == Some(reference)
                 || a.node_id
-                    .as_deref()
-                    .is_some_and(|id| id_matches(id, reference))
+                    .as_ref()
+                    .is_some_and(|id| id_matches(id.as_str(), reference))
         }
         EventType::Record => false,
     }
@@ -250,9 +250,9 @@ mod tests {
                 attributes: Attributes {
                     name: Some("web".into()),
                     network: Some("blue".into()),
-                    network_id: Some("ab".repeat(32)),
+                    network_id: Some("ab".repeat(32).parse().unwrap()),
                     host: Some("vm3".into()),
-                    node_id: Some("cd".repeat(32)),
+                    node_id: Some("cd".repeat(32).parse().unwrap()),
                     ..Default::default()
                 },
             },

@@ -19,6 +19,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::model::Id;
+
 pub use filter::{decode_query, EventFilter, FilterError, FILTER_KEYS};
 pub use hub::{EventHub, Subscription, BUFFERED_EVENTS, LIVE_BACKLOG};
 pub use stream::ndjson;
@@ -116,7 +118,7 @@ pub struct Attributes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network_id: Option<String>,
+    pub network_id: Option<Id>,
     /// An endpoint's overlay address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
@@ -124,7 +126,7 @@ pub struct Attributes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_id: Option<String>,
+    pub node_id: Option<Id>,
     /// A node's VXLAN tunnel endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<IpAddr>,
@@ -264,7 +266,7 @@ mod tests {
                     subnet: Some("10.0.0.0/24".parse().unwrap()),
                     vni: Some(256),
                     host: Some("vm3".into()),
-                    node_id: Some("cd".repeat(32)),
+                    node_id: Some("cd".repeat(32).parse().unwrap()),
                     ..Default::default()
                 },
             },

@@ -97,3 +97,76 @@ fn line(l: &impl serde::Serialize) -> Bytes {
     out.push(b'\n');
     Bytes::from(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::events::{Action, Actor, Attributes, Change, EventHub, EventType, LIVE_BACKLOG};
+
+    fn change(kind: EventType, action: Action) -> Change {
+        Change {
+            kind,
+            action,
+            actor: Actor {
+                id: "x".into(),
+                attributes: Attributes::default(),
+            },
+            revision: 1,
+        }
+    }
+
+    async fn next_json(s: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin)) -> String {
+        match s.next().await {
+            Some(Ok(b)) => String::from_utf8(b.to_vec()).unwrap(),
+            None => "END".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_fell_behind_is_told_how_many_it_missed_then_goes_on() {
+        let hub = EventHub::new();
+        let mut s = Box::pin(ndjson(hub.subscribe(None), EventFilter::default()));
+        hub.publish((0..LIVE_BACKLOG + 2).map(|_| change(EventType::Node, Action::Join)));
+        let first = next_json(&mut s).await;
+        assert!(first.contains(r#""missed":2"#), "{first}");
+        assert!(first.ends_with('\n'));
+        assert!(next_json(&mut s).await.contains(r#""action":"join""#));
+    }
+
+    #[tokio::test]
+    async fn filters_apply_to_replay_and_live_and_the_stream_ends_when_the_hub_closes() {
+        let hub = EventHub::new();
+        hub.publish([
+            change(EventType::Node, Action::Join),
+            change(EventType::Network, Action::Create),
+        ]);
+        let mut f = EventFilter::default();
+        f.add("type", "network").unwrap();
+        let mut s = Box::pin(ndjson(hub.subscribe(Some(0)), f));
+        assert!(next_json(&mut s).await.contains(r#""action":"create""#));
+        hub.publish([
+            change(EventType::Node, Action::Leave),
+            change(EventType::Network, Action::Rm),
+        ]);
+        assert!(next_json(&mut s).await.contains(r#""action":"rm""#));
+        hub.close();
+        assert_eq!(next_json(&mut s).await, "END");
+    }
+
+    #[tokio::test]
+    async fn until_ends_the_stream_once_its_time_has_passed() {
+        let hub = EventHub::new();
+        hub.publish([change(EventType::Node, Action::Join)]);
+        let f = EventFilter {
+            since: Some(0),
+            until: Some(unix_nanos(SystemTime::now()) + 50_000_000),
+            ..Default::default()
+        };
+        let mut s = Box::pin(ndjson(hub.subscribe(f.since), f));
+        assert!(next_json(&mut s).await.contains(r#""action":"join""#));
+        // Nothing more is published: the stream ends at `until`, not never.
+        assert_eq!(next_json(&mut s).await, "END");
+    }
+}

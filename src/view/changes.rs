@@ -102,7 +102,7 @@ impl ClusterView {
             subnet: Some(n.subnet),
             vni: Some(n.vni),
             host: self.host_name(&n.created_by),
-            node_id: Some(n.created_by.to_string()),
+            node_id: Some(n.created_by.clone()),
             ..Default::default()
         }
     }
@@ -114,10 +114,10 @@ impl ClusterView {
                 .networks
                 .get(&ep.network_id)
                 .map(|n| n.network.name.clone()),
-            network_id: Some(ep.network_id.to_string()),
+            network_id: Some(ep.network_id.clone()),
             ip: Some(ep.ip),
             host: self.host_name(&ep.node_id),
-            node_id: Some(ep.node_id.to_string()),
+            node_id: Some(ep.node_id.clone()),
             ..Default::default()
         }
     }
