@@ -368,3 +368,121 @@ async fn another_hosts_changes_stream_replay_and_filter_as_json_and_text() {
         "{errors}"
     );
 }
+
+/// A watch that resumes at a compacted revision re-lists: what it missed is told as the
+/// events it amounts to (the network made meanwhile created, the removed one gone), not
+/// silently folded into the new state, and not the whole store replayed as creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_list_after_compaction_tells_what_the_watch_missed() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let lab = TestLab::up(3).await;
+    let kept = lab.network("kept", "10.0.30.0/24");
+    let before = lab.network("before", "10.0.31.0/24");
+    let started = unix_now();
+    let vm3 = lab
+        .lab
+        .host("vm3")
+        .unwrap()
+        .processes()
+        .iter()
+        .find(|p| p.role == "daemon")
+        .unwrap()
+        .pid;
+    // As tests/faults_etcd.rs does: freeze vm3's daemon, restart etcd under it (its watch
+    // connection dies), change the store and compact it past everything vm3 has seen.
+    kill(Pid::from_raw(vm3 as i32), Signal::SIGSTOP).unwrap();
+    struct Thaw(u32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(vm3);
+    assert!(lab.lab.stop_etcd(0).unwrap());
+    lab.lab.start_etcd(0).await.unwrap();
+    lab.lab
+        .wait_etcd_healthy(0, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut after = String::new();
+    wait_until(|| {
+        let out = lab.sh(
+            "vm2",
+            &[
+                "vxnet",
+                "network",
+                "create",
+                "--subnet",
+                "10.0.32.0/24",
+                "after",
+            ],
+        );
+        after = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        out.status.success()
+    });
+    lab.vx("vm2", &["network", "rm", "before"]);
+    let store = lab.lab.cluster_store().replace("etcd://", "http://");
+    let status = lab.sh(
+        "vm1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            &store,
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let revision = v[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    let compact = lab.sh(
+        "vm1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            &store,
+            "compact",
+            &revision.to_string(),
+        ],
+    );
+    assert!(compact.status.success(), "{compact:?}");
+    drop(thaw);
+
+    let mut events = Vec::new();
+    wait_until(|| {
+        let until = unix_now();
+        events = json_lines(&lab.vx(
+            "vm3",
+            &[
+                "events", "--format", "json", "--since", &started, "--until", &until,
+            ],
+        ));
+        events.iter().any(|v| is(v, "network", "rm"))
+    });
+    let networks: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|v| v["type"] == "network")
+        .map(|v| {
+            (
+                v["action"].as_str().unwrap(),
+                v["actor"]["id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(networks.contains(&("create", after.as_str())), "{events:?}");
+    assert!(networks.contains(&("rm", before.as_str())), "{events:?}");
+    // The unchanged network is state, not news.
+    assert!(
+        !networks.iter().any(|(_, id)| *id == kept.as_str()),
+        "{events:?}"
+    );
+    // Both at the listing's revision: one re-list, not replayed watch events.
+    let revisions: std::collections::BTreeSet<i64> = events
+        .iter()
+        .filter(|v| v["type"] == "network")
+        .map(|v| v["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(revisions.len(), 1, "{events:?}");
+}

@@ -10,7 +10,8 @@ use tokio::sync::{broadcast, watch};
 use super::{unix_nanos, Change, Event};
 
 /// Recent events kept for `--since` (older ones are gone; a 10k-endpoint burst rolls them).
-pub const BUFFERED_EVENTS: usize = 4096;
+/// About 400 bytes each: held for the daemon's life, so kept small beside the view itself.
+pub const BUFFERED_EVENTS: usize = 1024;
 /// How far one live reader may fall behind before it is told it missed events.
 pub const LIVE_BACKLOG: usize = 4096;
 
