@@ -357,6 +357,10 @@ impl EventStream {
         loop {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=end).collect();
+                // The daemon's heartbeat on a quiet stream.
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
                 return serde_json::from_slice(&line).map(Some).map_err(|e| {
                     ClientError::Protocol(format!(
                         "unreadable event from the daemon ({e}): {}",

@@ -1,5 +1,9 @@
 //! `GET /v1/events`'s body: newline-delimited JSON, the buffered events first, then the
 //! live ones, until `until`, the reader hanging up, or the daemon stopping.
+//!
+//! A quiet stream sends a blank line every [`HEARTBEAT`]: a reader that hung up is only
+//! noticed when something is written to it, and a filter that never matches would
+//! otherwise keep its task and broadcast receiver for the daemon's life.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -13,7 +17,11 @@ use tokio::sync::watch;
 
 use super::{unix_nanos, Event, EventFilter, StreamLine, Subscription};
 
+/// The longest a stream stays silent.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
 struct State {
+    heartbeat: Duration,
     replay: VecDeque<Arc<Event>>,
     live: broadcast::Receiver<Arc<Event>>,
     closed: watch::Receiver<bool>,
@@ -25,12 +33,21 @@ pub fn ndjson(
     sub: Subscription,
     filter: EventFilter,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    ndjson_with(sub, filter, HEARTBEAT)
+}
+
+fn ndjson_with(
+    sub: Subscription,
+    filter: EventFilter,
+    heartbeat: Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let Subscription {
         replay,
         live,
         closed,
     } = sub;
     let state = State {
+        heartbeat,
         replay: replay.into(),
         live,
         closed,
@@ -53,7 +70,7 @@ impl State {
             }
         }
         loop {
-            let wait = match self.filter.until {
+            let until_left = match self.filter.until {
                 Some(until) => {
                     let left = until.saturating_sub(unix_nanos(SystemTime::now()));
                     if left <= 0 {
@@ -63,10 +80,13 @@ impl State {
                 }
                 None => Duration::MAX,
             };
+            let wait = until_left.min(self.heartbeat);
             let received = tokio::select! {
                 r = tokio::time::timeout(wait, self.live.recv()) => match r {
                     Ok(r) => r,
-                    Err(_) => return None,
+                    // `until` came: the loop's check ends the stream.
+                    Err(_) if until_left <= self.heartbeat => continue,
+                    Err(_) => return Some(Bytes::from_static(b"\n")),
                 },
                 _ = self.closed.wait_for(|closed| *closed) => return None,
             };
@@ -168,5 +188,19 @@ mod tests {
         assert!(next_json(&mut s).await.contains(r#""action":"join""#));
         // Nothing more is published: the stream ends at `until`, not never.
         assert_eq!(next_json(&mut s).await, "END");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_stream_sends_blank_lines() {
+        let hub = EventHub::new();
+        let heartbeat = Duration::from_millis(20);
+        let mut s = Box::pin(ndjson_with(
+            hub.subscribe(None),
+            EventFilter::default(),
+            heartbeat,
+        ));
+        assert_eq!(next_json(&mut s).await, "\n");
+        hub.publish([change(EventType::Node, Action::Join)]);
+        assert!(next_json(&mut s).await.contains(r#""action":"join""#));
     }
 }
