@@ -154,7 +154,8 @@ pub async fn run(
         config.lease_ttl,
         config.state_dir.clone(),
     );
-    let view = spawn_watcher(store.clone(), keys.clone());
+    let events = Arc::new(crate::events::EventHub::new());
+    let view = spawn_watcher(store.clone(), keys.clone(), events.clone());
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         keys,
@@ -267,6 +268,7 @@ pub async fn run(
     });
     let firewall_owner = reconciler.clone();
     let membership_for_ready = membership.clone();
+    let stop_events = events.clone();
     let pool_owner = containers.clone();
     let app = router(Arc::new(ApiState {
         cluster,
@@ -277,6 +279,7 @@ pub async fn run(
         node: node.clone(),
         docker_plugin: plugin,
         change_clock,
+        events,
     }));
     // Ready for systemd (Type=notify) once this node is registered: engines ordered after
     // vxnet then find their plugin, and the API answers with the cluster in view.
@@ -299,6 +302,11 @@ pub async fn run(
         advertise = %config.advertise_addr,
         "vxnet daemon serving"
     );
+    // Event streams end first, or the graceful shutdown would wait on their readers.
+    let shutdown = async move {
+        shutdown.await;
+        stop_events.close();
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

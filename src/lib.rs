@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod docker;
 pub mod error;
+pub mod events;
 pub mod firewall;
 pub mod format;
 pub mod health;

@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use super::types::{ErrorBody, Info, NetworkInspect};
 use crate::cluster::{EndpointCreate, NetworkCreate};
 use crate::container::{ConnectRequest, CreateRequest, StartRequest};
+use crate::events::{EventFilter, StreamLine};
 use crate::model::{Endpoint, Network};
 use crate::reconcile::ResyncReport;
 use crate::registry::ContainerRecord;
@@ -79,6 +80,24 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Sends one request and returns the answer as it starts (its body still to be read).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -102,18 +121,10 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
-        Ok((status, bytes))
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -313,6 +324,80 @@ impl Client {
 
     pub async fn reconcile(&self) -> Result<ResyncReport, ClientError> {
         self.call(Method::POST, "/v1/reconcile", None::<&()>).await
+    }
+
+    /// `GET /v1/events`: the cluster events `filter` selects, read line by line.
+    pub async fn events(&self, filter: &EventFilter) -> Result<EventStream, ClientError> {
+        let query: Vec<String> = filter
+            .query_pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", escape(v)))
+            .collect();
+        let resp = self
+            .send(
+                Method::GET,
+                &format!("/v1/events?{}", query.join("&")),
+                None,
+            )
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// The lines of an event stream, as they arrive.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next line; `None` when the daemon ended the stream.
+    pub async fn next(&mut self) -> Result<Option<StreamLine>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                // The daemon's heartbeat on a quiet stream.
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(&line).map(Some).map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "unreadable event from the daemon ({e}): {}",
+                        String::from_utf8_lossy(&line).trim_end()
+                    ))
+                });
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
+                None => {
+                    return Err(ClientError::Protocol(
+                        "the event stream ended in the middle of a line".into(),
+                    ))
+                }
+            }
+        }
     }
 }
 

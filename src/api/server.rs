@@ -38,6 +38,8 @@ pub struct ApiState {
     pub docker_plugin: Option<Arc<crate::docker::plugin::DockerPlugin>>,
     /// When this host's view last changed (for lag in `vxnet node ls`).
     pub change_clock: Arc<crate::health::ChangeClock>,
+    /// The cluster events of the view's watch (`GET /v1/events`).
+    pub events: Arc<crate::events::EventHub>,
 }
 
 type AppState = Arc<ApiState>;
@@ -138,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cni/check", axum::routing::post(cni_check))
         .route("/v1/cni/gc", axum::routing::post(cni_gc))
         .route("/v1/cni/status", get(cni_status))
+        .route("/v1/events", get(events))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -235,6 +238,24 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Info>> {
             dns,
         }
     })))
+}
+
+/// Streams cluster events as newline-delimited JSON (see `crate::events`).
+async fn events(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    use crate::events::{decode_query, ndjson, EventFilter};
+    let pairs = decode_query(query.as_deref().unwrap_or(""));
+    let filter = EventFilter::from_query(&pairs, std::time::SystemTime::now())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let sub = state.events.subscribe(filter.since);
+    let body = axum::body::Body::from_stream(ndjson(sub, filter));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
 }
 
 async fn list_networks(State(state): State<AppState>) -> ApiResult<Json<Vec<Network>>> {

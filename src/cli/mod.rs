@@ -3,6 +3,7 @@
 
 mod container;
 mod daemon;
+mod events;
 mod lab;
 mod network;
 mod node;
@@ -86,6 +87,8 @@ enum Command {
         #[arg(long)]
         format: Option<String>,
     },
+    /// Stream the cluster's changes (networks, endpoints, nodes, refused records).
+    Events(events::EventsArgs),
     /// The lab: the seed's hosts simulated in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -165,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Events(args) => events::run(&client(&cli.host)?, args).await,
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }

@@ -16,11 +16,13 @@ use std::net::Ipv4Addr;
 use crate::backoff::Backoff;
 use crate::cluster::{KnownAddresses, KnownNetworks, StoredNetwork};
 use crate::error::Error;
+use crate::events::{Change, EventHub};
 use crate::model::{Endpoint, EndpointId, Network, NetworkId, Node, NodeId};
 use crate::store::keys::KeyKind;
 use crate::store::{KeyValue, Keys, Store, StoreError, WatchEvent};
 use crate::validate::{self, RecordKind, Rejection};
 
+mod changes;
 mod names;
 pub use names::answers_to;
 use names::NameIndex;
@@ -53,6 +55,8 @@ pub struct ClusterView {
     rejected: BTreeMap<String, RejectedRecord>,
     /// How many times a record was refused since the daemon started, by kind.
     rejections: BTreeMap<RecordKind, u64>,
+    /// The cluster events derived from what was applied (recorded for the daemon's watcher).
+    changes: changes::ChangeLog,
 }
 
 /// A record the view refused, and why.
@@ -134,19 +138,30 @@ impl ClusterView {
         }
         match event {
             WatchEvent::Put(kv) => self.put(keys, kv),
-            WatchEvent::Delete { key, .. } => {
+            WatchEvent::Delete { key, mod_revision } => {
                 self.rejected.remove(key);
                 match keys.classify(key) {
                     KeyKind::Node(id) => {
-                        if self.nodes.remove(&id).is_some() {
+                        if let Some(old) = self.nodes.remove(&id) {
                             self.peer_changes.all = true;
+                            if self.recording_changes() {
+                                self.node_removed(&old, *mod_revision);
+                            }
                         }
                     }
                     KeyKind::Network(id) => {
-                        self.networks.remove(&id);
+                        if let Some(old) = self.networks.remove(&id) {
+                            if self.recording_changes() {
+                                self.network_removed(&old.network, *mod_revision);
+                            }
+                        }
                     }
                     KeyKind::Endpoint(net, id) => {
-                        if let Some(ip) = self.remove_endpoint(&net, &id) {
+                        if let Some(old) = self.remove_endpoint(&net, &id) {
+                            if self.recording_changes() {
+                                self.endpoint_removed(&old, *mod_revision);
+                            }
+                            let ip = old.ip;
                             self.retry_rejected(keys, |r| {
                                 matches!(r.reason, Rejection::AddressTaken { ip: taken, .. } if taken == ip)
                                     && r.retry.as_ref().is_some_and(|kv| {
@@ -174,13 +189,16 @@ impl ClusterView {
             Rejection::UnknownNetwork { .. } | Rejection::AddressTaken { .. }
         )
         .then(|| kv.clone());
-        let known = self
-            .rejected
-            .get(&kv.key)
-            .is_some_and(|old| old.reason == reason);
+        let held = self.rejected.get(&kv.key);
+        let known = held.is_some_and(|old| old.reason == reason);
+        // Every refused store revision is an event; a retry of the same one is not.
+        let seen = known && held.is_some_and(|old| old.mod_revision == kv.mod_revision);
         if !known {
             tracing::warn!(key = %kv.key, record = %kind, reason = %reason,
                 "refusing a record from the cluster store");
+        }
+        if !seen && self.recording_changes() {
+            self.record_rejected(&kv.key, kind, reason.to_string(), kv.mod_revision);
         }
         self.rejected.insert(
             kv.key.clone(),
@@ -201,8 +219,9 @@ impl ClusterView {
             .filter(|r| lift(r))
             .filter_map(|r| r.retry.clone())
             .collect();
+        // Left listed while retried: admitted, `put` drops it; refused again for the same
+        // reason, it is neither logged nor told as an event a second time.
         for kv in again {
-            self.rejected.remove(&kv.key);
             self.put(keys, &kv);
         }
     }
@@ -227,6 +246,10 @@ impl ClusterView {
             KeyKind::Node(id) => match self.admit_node(&id, kv) {
                 Ok(node) => {
                     self.rejected.remove(&kv.key);
+                    if self.recording_changes() {
+                        let was = changes::Was::of(self.nodes.get(&id), &node);
+                        self.node_put(was, &node, kv.mod_revision);
+                    }
                     let same_vtep = self
                         .nodes
                         .get(&id)
@@ -241,6 +264,11 @@ impl ClusterView {
             KeyKind::Network(id) => match self.admit_network(&id, kv) {
                 Ok(network) => {
                     self.rejected.remove(&kv.key);
+                    if self.recording_changes() {
+                        let old = self.networks.get(&id).map(|n| &n.network);
+                        let was = changes::Was::of(old, &network);
+                        self.network_put(was, &network, kv.mod_revision);
+                    }
                     self.networks.insert(
                         id.clone(),
                         StoredNetwork {
@@ -258,6 +286,11 @@ impl ClusterView {
             KeyKind::Endpoint(net, id) => match self.admit_endpoint(&net, &id, kv) {
                 Ok(ep) => {
                     self.rejected.remove(&kv.key);
+                    if self.recording_changes() {
+                        let old = self.endpoints.get(&net).and_then(|e| e.get(&id));
+                        let was = changes::Was::of(old, &ep);
+                        self.endpoint_put(was, &ep, kv.mod_revision);
+                    }
                     self.put_endpoint(net, id, ep);
                 }
                 Err(why) => self.reject(RecordKind::Endpoint, kv, why),
@@ -376,8 +409,8 @@ impl ClusterView {
         }
     }
 
-    /// Removes an endpoint; returns the address it held.
-    fn remove_endpoint(&mut self, net: &NetworkId, id: &EndpointId) -> Option<Ipv4Addr> {
+    /// Removes an endpoint; returns it.
+    fn remove_endpoint(&mut self, net: &NetworkId, id: &EndpointId) -> Option<Endpoint> {
         let eps = self.endpoints.get_mut(net)?;
         let old = eps.remove(id)?;
         if eps.is_empty() {
@@ -385,7 +418,7 @@ impl ClusterView {
         }
         self.names.remove(net, &old);
         self.forget_ip(net, id, old.ip);
-        Some(old.ip)
+        Some(old)
     }
 
     /// Drops endpoint `id`'s former address `ip` from the index, unless `id` was re-put
@@ -540,8 +573,9 @@ impl SharedView {
     }
 }
 
-/// Starts the watcher task; returns the view it keeps current.
-pub fn spawn_watcher(store: Arc<dyn Store>, keys: Keys) -> SharedView {
+/// Starts the watcher task; returns the view it keeps current. What it applies is also
+/// published to `events`.
+pub fn spawn_watcher(store: Arc<dyn Store>, keys: Keys, events: Arc<EventHub>) -> SharedView {
     let inner = Arc::new(RwLock::new(ClusterView::default()));
     let (tx, rx) = watch::channel(0i64);
     let first_listed = Arc::new(std::sync::OnceLock::new());
@@ -550,7 +584,7 @@ pub fn spawn_watcher(store: Arc<dyn Store>, keys: Keys) -> SharedView {
         revision: rx,
         first_listed: first_listed.clone(),
     };
-    tokio::spawn(run_watcher(store, keys, inner, tx, first_listed));
+    tokio::spawn(run_watcher(store, keys, inner, tx, first_listed, events));
     view
 }
 
@@ -560,7 +594,11 @@ async fn run_watcher(
     view: Arc<RwLock<ClusterView>>,
     revision: watch::Sender<i64>,
     first_listed: Arc<std::sync::OnceLock<i64>>,
+    events: Arc<EventHub>,
 ) {
+    // The view's changes of one batch; swapped with the view's empty list, so both buffers
+    // are reused from batch to batch.
+    let mut changes: Vec<Change> = Vec::new();
     // Jitter adds up to as much again: pauses of 25..50 ms growing to 250..500 ms.
     let mut backoff = Backoff::new(Duration::from_millis(25), MAX_BACKOFF / 2);
     let mut need_list = true;
@@ -569,6 +607,7 @@ async fn run_watcher(
             match store.list(keys.prefix()).await {
                 Ok(listing) => {
                     let mut fresh = ClusterView::from_kvs(&keys, &listing.kvs, listing.revision);
+                    fresh.record_changes(true);
                     let listed = listing.kvs.len();
                     drop(listing);
                     let rev = fresh.revision;
@@ -577,7 +616,15 @@ async fn run_watcher(
                         for (kind, n) in &v.rejections {
                             *fresh.rejections.entry(*kind).or_default() += n;
                         }
+                        // The first listing is the state events start from; a re-list after
+                        // a compaction tells what the missed revisions changed.
+                        if v.revision > 0 {
+                            changes = v.changes_to(&fresh);
+                        }
                         *v = fresh;
+                    }
+                    if !changes.is_empty() {
+                        events.publish(changes.drain(..));
                     }
                     // Set before the revision is announced, so a reader woken by it sees it.
                     let _ = first_listed.set(rev);
@@ -628,6 +675,12 @@ async fn run_watcher(
                             v.apply(&keys, ev);
                         }
                         v.revision = v.revision.max(batch.revision);
+                        v.take_changes(&mut changes);
+                    }
+                    // Published outside the view's lock: readers of the view never wait
+                    // on the event streams.
+                    if !changes.is_empty() {
+                        events.publish(changes.drain(..));
                     }
                     revision.send_if_modified(|r| {
                         let changed = batch.revision > *r;
