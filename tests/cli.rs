@@ -95,7 +95,7 @@ async fn network_verbs_print_like_docker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_errors_are_clear_and_exit_1() {
     let c = common::cluster(1).await;
-    let before = c.store_revision().unwrap();
+    let before = c.store_state().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (
             &["network", "create", "--subnet", "10.0.4.0/33", "x"],
@@ -132,7 +132,7 @@ async fn cli_errors_are_clear_and_exit_1() {
             text(&out.stderr)
         );
     }
-    assert_eq!(c.store_revision().unwrap(), before);
+    assert_eq!(c.store_state().unwrap(), before);
 
     let out = Command::new(common::binary())
         .args(["-H", "unix:///nonexistent/vxnet.sock", "network", "ls"])
@@ -186,7 +186,7 @@ fn daemon_refuses_bad_flags_before_starting() {
     );
     let out = run("etcd://127.0.0.1:2379", "eth0:2376x");
     assert!(
-        text(&out.stderr).contains("invalid --cluster-advertise"),
+        text(&out.stderr).contains("cluster-advertise (from the command line)"),
         "{}",
         text(&out.stderr)
     );

@@ -159,7 +159,7 @@ async fn network_rm_is_refused_while_endpoints_exist_on_any_host() {
         .endpoint_create("busy", &ep("remote"))
         .await
         .unwrap();
-    let before = c.store_revision().unwrap();
+    let before = c.store_state().unwrap();
     let err = c.client(0).network_rm("busy").await.unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::CONFLICT), "{err}");
     assert!(
@@ -168,7 +168,7 @@ async fn network_rm_is_refused_while_endpoints_exist_on_any_host() {
         "{err}"
     );
     assert_eq!(
-        c.store_revision().unwrap(),
+        c.store_state().unwrap(),
         before,
         "a refused rm wrote something"
     );
@@ -367,7 +367,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             d.endpoint_delete("taken", "ghost").await,
         ),
     ];
-    let before = c.store_revision().unwrap();
+    let before = c.store_state().unwrap();
     for (what, status, message, result) in cases {
         let err = result.expect_err(what);
         assert_eq!(err.status(), Some(status), "{what}: {err}");
@@ -501,7 +501,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         );
     }
     assert_eq!(
-        c.store_revision().unwrap(),
+        c.store_state().unwrap(),
         before,
         "a refused request wrote to the store"
     );

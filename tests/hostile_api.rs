@@ -51,7 +51,7 @@ async fn foreign_endpoint_delete_is_refused_unless_forced() {
         .unwrap();
     let owner = c.client(1).info().await.unwrap().node;
 
-    let before = c.store_revision().unwrap();
+    let before = c.store_state().unwrap();
     let err = c
         .client(0)
         .endpoint_delete("shared", theirs.id.as_str())
@@ -62,7 +62,7 @@ async fn foreign_endpoint_delete_is_refused_unless_forced() {
     assert!(msg.contains(&owner.name), "owner not named: {msg}");
     assert!(msg.contains("force=true"), "no way to force given: {msg}");
     assert_eq!(
-        c.store_revision().unwrap(),
+        c.store_state().unwrap(),
         before,
         "a refused delete wrote something"
     );

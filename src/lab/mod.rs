@@ -324,24 +324,37 @@ impl LocalCluster {
         self.daemons[i].client()
     }
 
-    /// The store's current revision, read with etcdctl (an independent client): equal
-    /// before and after a request means the request wrote nothing.
-    pub fn store_revision(&self) -> Result<i64, LabError> {
-        let out = self.etcd.etcdctl(
-            &self.ns,
-            &["get", "--prefix", &self.prefix, "--keys-only", "-w", "json"],
-        )?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| LabError::ProcessFailed {
-                what: "etcdctl get".into(),
-                detail: format!("{e}: {}", String::from_utf8_lossy(&out.stderr)),
+    /// Every key under the cluster's prefix but the hosts' health reports, each with its
+    /// create and mod revisions and version, read with etcdctl: equal before and after a
+    /// request means the request wrote nothing. (The store's revision itself moves with the
+    /// reports every host writes in the background.)
+    pub fn store_state(&self) -> Result<String, LabError> {
+        let health = format!("{}health/", self.prefix);
+        let after_health = format!("{}health0", self.prefix);
+        let mut end = self.prefix.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let end = String::from_utf8_lossy(&end).into_owned();
+        let mut state = String::new();
+        for (from, to) in [(self.prefix.as_str(), health.as_str()), (&after_health, &end)] {
+            let out = self
+                .etcd
+                .etcdctl(&self.ns, &["get", from, to, "--keys-only", "-w", "json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+                LabError::ProcessFailed {
+                    what: "etcdctl get".into(),
+                    detail: format!("{e}: {}", String::from_utf8_lossy(&out.stderr)),
+                }
             })?;
-        v["header"]["revision"]
-            .as_i64()
-            .ok_or_else(|| LabError::ProcessFailed {
-                what: "etcdctl get".into(),
-                detail: "no header.revision in its answer".into(),
-            })
+            for kv in v["kvs"].as_array().into_iter().flatten() {
+                state.push_str(&format!(
+                    "{} {} {} {}\n",
+                    kv["key"], kv["create_revision"], kv["mod_revision"], kv["version"]
+                ));
+            }
+        }
+        Ok(state)
     }
 
     /// Every key under the cluster's prefix, read with etcdctl.
