@@ -299,6 +299,11 @@ impl Client {
     pub async fn reconcile(&self) -> Result<ResyncReport, ClientError> {
         self.call(Method::POST, "/v1/reconcile", None::<&()>).await
     }
+
+    /// This host's kernel state checked against the store; changes nothing.
+    pub async fn doctor(&self) -> Result<super::types::DoctorReport, ClientError> {
+        self.call(Method::GET, "/v1/doctor", None::<&()>).await
+    }
 }
 
 /// Percent-encodes a path segment (names may hold characters a URI path cannot).
