@@ -1,6 +1,7 @@
 //! `vxnet doctor` on the lab: healthy hosts pass; damage injected with iproute2 and nft
 //! behind the daemon's back (an FDB entry, a neighbour, a network's sandbox, the VTEP set,
-//! the gateway bridge) is named object by object with exit 1, and passes again after
+//! the gateway bridge, the table and a rule in it, container veths) is named object by
+//! object with exit 1, and passes again after
 //! `vxnet reconcile`; a host with no network passes; no daemon is exit 2 with a message.
 
 mod common;
@@ -122,6 +123,7 @@ async fn doctor_names_each_injected_difference_and_passes_after_reconcile() {
     assert_eq!(checked["gateway_bridge"], true, "{healthy:#}");
     let (code, text, _) = doctor_text(lab, "vm2");
     assert_eq!(code, 0);
+    println!("$ vxnet doctor   # on vm2, healthy\n{text}");
     assert!(
         text.starts_with(
             "no differences: checked 1 network, 1 sandbox, 1 container interface, 1 FDB entry"
@@ -203,7 +205,7 @@ async fn doctor_names_each_injected_difference_and_passes_after_reconcile() {
     let (code, report) = doctor(lab, "vm2");
     assert_eq!(code, 1, "{report:#}");
     let set = find(&report, "firewall", "set vteps").unwrap_or_else(|| panic!("{report:#}"));
-    assert_eq!(set["difference"], "missing");
+    assert_eq!(set["difference"], "wrong");
     let want = set["want"].as_str().unwrap();
     assert!(
         want.contains("192.0.2.6") && want.contains("192.0.2.7"),
@@ -252,6 +254,12 @@ async fn doctor_names_each_injected_difference_and_passes_after_reconcile() {
     let (code, report) = doctor(lab, "vm3");
     assert_eq!(code, 1, "{report:#}");
     assert!(find(&report, "sandbox", &sandbox).is_some(), "{report:#}");
+    // As a person reads it (docs/faults.md shows this output).
+    for host in ["vm2", "vm3"] {
+        let (code, text, _) = doctor_text(lab, host);
+        assert_eq!(code, 1, "{text}");
+        println!("$ vxnet doctor   # on {host}\n{text}");
+    }
     reconcile(lab, "vm2");
     reconcile(lab, "vm3");
     assert_healthy(lab, "vm2", "after reconcile of everything");
@@ -260,7 +268,7 @@ async fn doctor_names_each_injected_difference_and_passes_after_reconcile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn doctor_finds_a_deleted_gateway_bridge_and_exits_2_without_a_daemon() {
+async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without_a_daemon() {
     let w = world().await;
     let lab = &w.lab;
 
@@ -272,6 +280,63 @@ async fn doctor_finds_a_deleted_gateway_bridge_and_exits_2_without_a_daemon() {
     assert_eq!(gw["difference"], "missing");
     reconcile(lab, "vm2");
     assert_healthy(lab, "vm2", "after reconcile of the gateway bridge");
+
+    // The table: a rule added by hand, then the whole table gone.
+    on_host(
+        lab,
+        "vm2",
+        &["nft", "add", "rule", "inet", "vxnet", "forward", "accept"],
+    );
+    let (code, report) = doctor(lab, "vm2");
+    assert_eq!(code, 1, "{report:#}");
+    let chain = find(&report, "firewall", "chain forward").unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(chain["difference"], "wrong");
+    assert_eq!(findings(&report).len(), 1, "{report:#}");
+    on_host(lab, "vm2", &["nft", "delete", "table", "inet", "vxnet"]);
+    let (code, report) = doctor(lab, "vm2");
+    assert_eq!(code, 1, "{report:#}");
+    let table =
+        find(&report, "firewall", "table inet vxnet").unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(table["difference"], "missing");
+    reconcile(lab, "vm2");
+    assert_healthy(lab, "vm2", "after reconcile of the table");
+
+    // A container's veth deleted in vm2's sandbox (its container end goes with it), and a
+    // stray veth added there.
+    let veth = lab
+        .in_sandbox("vm2", &w.net, &["ip", "-o", "link", "show", "type", "veth"])
+        .split(": ")
+        .nth(1)
+        .and_then(|n| n.split('@').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(veth.starts_with("veth"), "{veth:?}");
+    lab.in_sandbox("vm2", &w.net, &["ip", "link", "del", &veth]);
+    lab.in_sandbox(
+        "vm2",
+        &w.net,
+        &[
+            "sh",
+            "-c",
+            "ip link add strayA type veth peer name strayB && ip link set strayA master br0",
+        ],
+    );
+    let (code, report) = doctor(lab, "vm2");
+    assert_eq!(code, 1, "{report:#}");
+    let gone = find(&report, "interface", &veth).unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(gone["difference"], "missing");
+    assert!(
+        gone["want"].as_str().unwrap().contains("container c2"),
+        "{gone}"
+    );
+    let stray = find(&report, "interface", "strayA").unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(stray["difference"], "unexpected");
+    let end = find(&report, "interface", "eth0 of container endpoint")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(end["difference"], "wrong");
+    reconcile(lab, "vm2");
+    assert_healthy(lab, "vm2", "after reconcile of the veths");
+    assert!(lab.pings("vm2", "c2", &w.c3_ip));
 
     // No daemon: the check cannot run, which is neither healthy nor a difference.
     assert!(lab.lab.stop_daemon("vm3").unwrap());

@@ -363,26 +363,16 @@ pub fn diff_table(want: &TableShape, have: Option<&TableShape>) -> Vec<Finding> 
             ));
             continue;
         };
-        let missing: BTreeSet<_> = elements.difference(there).copied().collect();
-        let extra: BTreeSet<_> = there.difference(elements).copied().collect();
-        if !missing.is_empty() {
+        // One finding per set, whole sets on both sides: a flushed set and one with a
+        // stranger's element in it read alike, and the fix replaces the set whole anyway.
+        if there != elements {
             out.push(finding(
                 Area::Firewall,
                 None,
-                format!("elements of {object}"),
-                Difference::Missing,
-                Some(elements_text(&missing)),
-                Some(elements_text(there)),
-            ));
-        }
-        if !extra.is_empty() {
-            out.push(finding(
-                Area::Firewall,
-                None,
-                format!("elements of {object}"),
-                Difference::Unexpected,
+                object,
+                Difference::Wrong,
                 Some(elements_text(elements)),
-                Some(elements_text(&extra)),
+                Some(elements_text(there)),
             ));
         }
     }
@@ -405,6 +395,10 @@ fn elements_text(elements: &BTreeSet<Ipv4Addr>) -> String {
     }
     let list: Vec<String> = elements.iter().map(Ipv4Addr::to_string).collect();
     format!("{{ {} }}", list.join(", "))
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn network_label(net: &Network) -> String {
@@ -529,10 +523,10 @@ impl Reconciler {
                 format!("sandbox {name}"),
                 Difference::Missing,
                 Some(format!(
-                    "a namespace with br0, vxlan1 (VNI {}), {} container interfaces and {} peers",
+                    "a namespace with br0, vxlan1 (VNI {}), {} and {}",
                     net.vni,
-                    ports.len(),
-                    want_peers.len()
+                    plural(ports.len(), "container interface", "container interfaces"),
+                    plural(want_peers.len(), "peer", "peers"),
                 )),
                 None,
             ));
@@ -648,10 +642,10 @@ impl Reconciler {
                     object,
                     Difference::Missing,
                     Some(format!(
-                        "a bridge with {}/{} and {} container interfaces",
+                        "a bridge with {}/{} and {}",
                         self.gateway.gateway(),
                         self.gateway.subnet.prefix_len(),
-                        want.len()
+                        plural(want.len(), "container interface", "container interfaces"),
                     )),
                     None,
                 ));
@@ -924,8 +918,8 @@ mod tests {
             summary(&f),
             [(
                 Area::Firewall,
-                Difference::Missing,
-                "elements of set vteps of table inet vxnet".into()
+                Difference::Wrong,
+                "set vteps of table inet vxnet".into()
             )]
         );
         assert_eq!(f[0].want.as_deref(), Some("{ 192.0.2.6, 192.0.2.7 }"));
@@ -951,10 +945,20 @@ mod tests {
                 ),
                 (
                     Area::Firewall,
-                    Difference::Unexpected,
-                    "elements of set vteps of table inet vxnet".into()
+                    Difference::Wrong,
+                    "set vteps of table inet vxnet".into()
                 ),
             ]
+        );
+        let mut no_set = want.clone();
+        no_set.sets.clear();
+        assert_eq!(
+            summary(&diff_table(&want, Some(&no_set))),
+            [(
+                Area::Firewall,
+                Difference::Missing,
+                "set vteps of table inet vxnet".into()
+            )]
         );
     }
 }
