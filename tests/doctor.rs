@@ -1,8 +1,8 @@
 //! `vxnet doctor` on the lab: healthy hosts pass; damage injected with iproute2 and nft
 //! behind the daemon's back (an FDB entry, a neighbour, a network's sandbox, the VTEP set,
 //! the gateway bridge, the table and a rule in it, container veths) is named object by
-//! object with exit 1, and passes again after
-//! `vxnet reconcile`; a host with no network passes; no daemon is exit 2 with a message.
+//! object with exit 1, and passes again after `vxnet reconcile`; a host with no network
+//! passes; no daemon is exit 2 with a message.
 
 mod common;
 
@@ -264,6 +264,8 @@ async fn doctor_names_each_injected_difference_and_passes_after_reconcile() {
     reconcile(lab, "vm3");
     assert_healthy(lab, "vm2", "after reconcile of everything");
     assert_healthy(lab, "vm3", "after reconcile of everything");
+    let (code, text, _) = doctor_text(lab, "vm3");
+    println!("$ vxnet doctor; echo $?   # on vm3 after reconcile\n{text}{code}");
     assert!(lab.pings("vm2", "c2", &w.c3_ip));
 }
 
@@ -342,6 +344,7 @@ async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without
     assert!(lab.lab.stop_daemon("vm3").unwrap());
     let (code, stdout, stderr) = doctor_text(lab, "vm3");
     assert_eq!(code, 2, "{stdout}{stderr}");
+    println!("$ vxnet doctor; echo $?   # daemon stopped\n{stderr}{code}");
     assert!(stdout.is_empty(), "{stdout}");
     assert!(stderr.contains("the check could not run"), "{stderr}");
     assert!(stderr.contains("Is `vxnet daemon` running?"), "{stderr}");
