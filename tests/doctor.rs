@@ -2,7 +2,7 @@
 //! behind the daemon's back (an FDB entry, a neighbour, a network's sandbox, the VTEP set,
 //! the gateway bridge, the table and a rule in it, container veths) is named object by
 //! object with exit 1, and passes again after `vxnet reconcile`; a host with no network
-//! passes; no daemon is exit 2 with a message.
+//! passes; no daemon, or one that has not read the store, is exit 2 with a message.
 
 mod common;
 
@@ -348,6 +348,18 @@ async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without
     assert!(stdout.is_empty(), "{stdout}");
     assert!(stderr.contains("the check could not run"), "{stderr}");
     assert!(stderr.contains("Is `vxnet daemon` running?"), "{stderr}");
+    // A daemon that has not read the store (started while etcd is away) has nothing to
+    // compare with: exit 2 too, until it has.
+    lab.lab.stop_all_etcd().unwrap();
+    lab.lab.start_daemon("vm3").await.unwrap();
+    let (code, stdout, stderr) = doctor_text(lab, "vm3");
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("has not read the cluster store yet"),
+        "{stderr}"
+    );
+    lab.lab.start_all_etcd().await.unwrap();
+    wait_until(|| doctor(lab, "vm3").0 == 0);
     let out = lab.sh("vm2", &["vxnet", "doctor", "--format", "yaml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use json"));
