@@ -42,9 +42,171 @@ pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nftables;
 
+impl Nftables {
+    /// The whole `inet vxnet` table for `ruleset` as one replace: what `apply` sends, and
+    /// what `readback::desired_shape` reads the wanted table from.
+    fn messages(ruleset: &Ruleset) -> Result<Messages, FirewallError> {
+        ruleset.validate()?;
+        let name = table_name();
+        let table = Table::new(&name, ProtoFamily::Inet);
+        let mut b = Messages::new();
+        replace_table(&mut b, &table, TABLE);
+
+        let bridge = ifname(&ruleset.bridge);
+
+        let mut post = Chain::new(c"postrouting", &table);
+        post.set_type(ChainType::Nat);
+        post.set_hook(Hook::PostRouting, PRIO_SRCNAT);
+        post.set_policy(Policy::Accept);
+        b.add(&post, MsgType::Add, "add chain postrouting (nat)");
+        // ip saddr <subnet> oifname != "<bridge>" masquerade
+        let mut r = Rule::new(&post);
+        match_ipv4(&mut r);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Saddr,
+        )));
+        let prefix = ruleset.subnet.prefix_len();
+        if prefix < 32 {
+            let mask = ruleset.subnet.netmask().octets();
+            r.add_expr(&Bitwise::new(&mask[..], &[0u8; 4][..]));
+        }
+        let net = ruleset.subnet.network().octets();
+        r.add_expr(&Cmp::new(CmpOp::Eq, &net[..]));
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Neq, &bridge[..]));
+        r.add_expr(&Masquerade);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the masquerade rule in chain postrouting",
+        );
+
+        let ports = ruleset.sorted_ports();
+        for (chain_name, hook) in [(c"prerouting", Hook::PreRouting), (c"output", Hook::Out)] {
+            let mut chain = Chain::new(chain_name, &table);
+            chain.set_type(ChainType::Nat);
+            chain.set_hook(hook, PRIO_DSTNAT);
+            chain.set_policy(Policy::Accept);
+            let label = chain_name.to_string_lossy();
+            b.add(&chain, MsgType::Add, format!("add chain {label} (nat)"));
+            // The host's own connections to 127.0.0.0/8 stay local: DNAT'd to a container they
+            // would be dropped as martians (Docker excludes loopback the same way).
+            let from_host = hook == Hook::Out;
+            for p in &ports {
+                let r = dnat_rule(&chain, p, from_host);
+                b.add(&r, MsgType::Add, format!("add rule {p} in chain {label}"));
+            }
+        }
+
+        let mut fwd = Chain::new(c"forward", &table);
+        fwd.set_type(ChainType::Filter);
+        fwd.set_hook(Hook::Forward, PRIO_FILTER);
+        fwd.set_policy(Policy::Accept);
+        b.add(&fwd, MsgType::Add, "add chain forward (filter)");
+        // iifname "<bridge>" oifname "<bridge>" drop
+        let mut r = Rule::new(&fwd);
+        r.add_expr(&Meta::IifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Verdict::Drop);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the bridge isolation rule in chain forward",
+        );
+        // A vxnet host routes no VXLAN and no store traffic for anyone: a container that could
+        // would inject frames into any overlay with this host's (trusted) VTEP address.
+        let r = vxlan_rule(&fwd, ruleset.vxlan_port, None);
+        b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain forward");
+        for (addr, port) in store_ports(ruleset) {
+            let r = store_rule(&fwd, None, addr, port);
+            b.add(
+                &r,
+                MsgType::Add,
+                format!("add the store drop rule for {addr}:{port} in chain forward"),
+            );
+        }
+        // Into the bridge only replies and published ports (DNATed): a route to the gateway
+        // subnet via this host must not reach a container's unpublished ports.
+        let est = (States::ESTABLISHED | States::RELATED).bits();
+        let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::State, est);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the established rule in chain forward",
+        );
+        let dnat = ConntrackStatus::DST_NAT.bits();
+        let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::Status, dnat);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the published-ports rule in chain forward",
+        );
+        let mut r = Rule::new(&fwd);
+        r.add_expr(&Meta::OifName);
+        r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
+        r.add_expr(&Verdict::Drop);
+        b.add(
+            &r,
+            MsgType::Add,
+            "add the bridge ingress drop rule in chain forward",
+        );
+
+        let mut vteps = Set::<Ipv4Addr>::new_named(c"vteps", 1, &table, ProtoFamily::Inet);
+        let mut sorted = ruleset.vteps.clone();
+        sorted.sort();
+        sorted.dedup();
+        for v in &sorted {
+            vteps.add(v);
+        }
+        b.add(&vteps, MsgType::Add, format!("add set {VTEP_SET}"));
+        for elems in vteps.elems_iter() {
+            b.add(
+                &elems,
+                MsgType::Add,
+                format!("add the elements of set {VTEP_SET}"),
+            );
+        }
+
+        let mut input = Chain::new(c"input", &table);
+        input.set_type(ChainType::Filter);
+        input.set_hook(Hook::In, PRIO_FILTER);
+        input.set_policy(Policy::Accept);
+        b.add(&input, MsgType::Add, "add chain input (filter)");
+        // udp dport 4789 ip saddr != @vteps counter drop
+        let mut r = Rule::new(&input);
+        match_ipv4(&mut r);
+        match_dport(&mut r, Proto::Udp, ruleset.vxlan_port);
+        r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
+            Ipv4HeaderField::Saddr,
+        )));
+        r.add_expr(&LookupNot::new(&vteps));
+        r.add_expr(&Counter);
+        r.add_expr(&Verdict::Drop);
+        b.add(&r, MsgType::Add, "add the VTEP filter rule in chain input");
+        // Nor this host's own VXLAN socket or store member, from a container.
+        for from in [ruleset.bridge.as_str(), DOCKER_BRIDGE] {
+            let from = ifname(from);
+            let r = vxlan_rule(&input, ruleset.vxlan_port, Some(&from));
+            b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain input");
+            for (addr, port) in store_ports(ruleset) {
+                let r = store_rule(&input, Some(&from), addr, port);
+                b.add(
+                    &r,
+                    MsgType::Add,
+                    format!("add the store drop rule for {addr}:{port} in chain input"),
+                );
+            }
+        }
+
+        Ok(b)
+    }
+}
+
 impl Firewall for Nftables {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
-        messages(ruleset)?.send()
+        Self::messages(ruleset)?.send()
     }
 
     fn guard_dns(&self, guard: &DnsGuard) -> Result<(), FirewallError> {
@@ -107,165 +269,7 @@ impl Firewall for Nftables {
 /// The batch `apply` sends for `ruleset`, finalized but not sent (read back by
 /// `readback::desired_shape`).
 pub(super) fn build(ruleset: &Ruleset) -> Result<FinalizedBatch, FirewallError> {
-    Ok(messages(ruleset)?.batch.finalize())
-}
-
-/// The whole `inet vxnet` table for `ruleset`, as one replace.
-fn messages(ruleset: &Ruleset) -> Result<Messages, FirewallError> {
-    let name = table_name();
-    let table = Table::new(&name, ProtoFamily::Inet);
-    let mut b = Messages::new();
-    replace_table(&mut b, &table, TABLE);
-
-    let bridge = ifname(&ruleset.bridge);
-
-    let mut post = Chain::new(c"postrouting", &table);
-    post.set_type(ChainType::Nat);
-    post.set_hook(Hook::PostRouting, PRIO_SRCNAT);
-    post.set_policy(Policy::Accept);
-    b.add(&post, MsgType::Add, "add chain postrouting (nat)");
-    // ip saddr <subnet> oifname != "<bridge>" masquerade
-    let mut r = Rule::new(&post);
-    match_ipv4(&mut r);
-    r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
-        Ipv4HeaderField::Saddr,
-    )));
-    let prefix = ruleset.subnet.prefix_len();
-    if prefix < 32 {
-        let mask = ruleset.subnet.netmask().octets();
-        r.add_expr(&Bitwise::new(&mask[..], &[0u8; 4][..]));
-    }
-    let net = ruleset.subnet.network().octets();
-    r.add_expr(&Cmp::new(CmpOp::Eq, &net[..]));
-    r.add_expr(&Meta::OifName);
-    r.add_expr(&Cmp::new(CmpOp::Neq, &bridge[..]));
-    r.add_expr(&Masquerade);
-    b.add(
-        &r,
-        MsgType::Add,
-        "add the masquerade rule in chain postrouting",
-    );
-
-    let ports = ruleset.sorted_ports();
-    for (chain_name, hook) in [(c"prerouting", Hook::PreRouting), (c"output", Hook::Out)] {
-        let mut chain = Chain::new(chain_name, &table);
-        chain.set_type(ChainType::Nat);
-        chain.set_hook(hook, PRIO_DSTNAT);
-        chain.set_policy(Policy::Accept);
-        let label = chain_name.to_string_lossy();
-        b.add(&chain, MsgType::Add, format!("add chain {label} (nat)"));
-        // The host's own connections to 127.0.0.0/8 stay local: DNAT'd to a container they
-        // would be dropped as martians (Docker excludes loopback the same way).
-        let from_host = hook == Hook::Out;
-        for p in &ports {
-            let r = dnat_rule(&chain, p, from_host);
-            b.add(&r, MsgType::Add, format!("add rule {p} in chain {label}"));
-        }
-    }
-
-    let mut fwd = Chain::new(c"forward", &table);
-    fwd.set_type(ChainType::Filter);
-    fwd.set_hook(Hook::Forward, PRIO_FILTER);
-    fwd.set_policy(Policy::Accept);
-    b.add(&fwd, MsgType::Add, "add chain forward (filter)");
-    // iifname "<bridge>" oifname "<bridge>" drop
-    let mut r = Rule::new(&fwd);
-    r.add_expr(&Meta::IifName);
-    r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
-    r.add_expr(&Meta::OifName);
-    r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
-    r.add_expr(&Verdict::Drop);
-    b.add(
-        &r,
-        MsgType::Add,
-        "add the bridge isolation rule in chain forward",
-    );
-    // A vxnet host routes no VXLAN and no store traffic for anyone: a container that could
-    // would inject frames into any overlay with this host's (trusted) VTEP address.
-    let r = vxlan_rule(&fwd, ruleset.vxlan_port, None);
-    b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain forward");
-    for (addr, port) in store_ports(ruleset) {
-        let r = store_rule(&fwd, None, addr, port);
-        b.add(
-            &r,
-            MsgType::Add,
-            format!("add the store drop rule for {addr}:{port} in chain forward"),
-        );
-    }
-    // Into the bridge only replies and published ports (DNATed): a route to the gateway
-    // subnet via this host must not reach a container's unpublished ports.
-    let est = (States::ESTABLISHED | States::RELATED).bits();
-    let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::State, est);
-    b.add(
-        &r,
-        MsgType::Add,
-        "add the established rule in chain forward",
-    );
-    let dnat = ConntrackStatus::DST_NAT.bits();
-    let r = into_bridge_if_ct(&fwd, &bridge, Conntrack::Status, dnat);
-    b.add(
-        &r,
-        MsgType::Add,
-        "add the published-ports rule in chain forward",
-    );
-    let mut r = Rule::new(&fwd);
-    r.add_expr(&Meta::OifName);
-    r.add_expr(&Cmp::new(CmpOp::Eq, &bridge[..]));
-    r.add_expr(&Verdict::Drop);
-    b.add(
-        &r,
-        MsgType::Add,
-        "add the bridge ingress drop rule in chain forward",
-    );
-
-    let mut vteps = Set::<Ipv4Addr>::new_named(c"vteps", 1, &table, ProtoFamily::Inet);
-    let mut sorted = ruleset.vteps.clone();
-    sorted.sort();
-    sorted.dedup();
-    for v in &sorted {
-        vteps.add(v);
-    }
-    b.add(&vteps, MsgType::Add, format!("add set {VTEP_SET}"));
-    for elems in vteps.elems_iter() {
-        b.add(
-            &elems,
-            MsgType::Add,
-            format!("add the elements of set {VTEP_SET}"),
-        );
-    }
-
-    let mut input = Chain::new(c"input", &table);
-    input.set_type(ChainType::Filter);
-    input.set_hook(Hook::In, PRIO_FILTER);
-    input.set_policy(Policy::Accept);
-    b.add(&input, MsgType::Add, "add chain input (filter)");
-    // udp dport 4789 ip saddr != @vteps counter drop
-    let mut r = Rule::new(&input);
-    match_ipv4(&mut r);
-    match_dport(&mut r, Proto::Udp, ruleset.vxlan_port);
-    r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(
-        Ipv4HeaderField::Saddr,
-    )));
-    r.add_expr(&LookupNot::new(&vteps));
-    r.add_expr(&Counter);
-    r.add_expr(&Verdict::Drop);
-    b.add(&r, MsgType::Add, "add the VTEP filter rule in chain input");
-    // Nor this host's own VXLAN socket or store member, from a container.
-    for from in [ruleset.bridge.as_str(), DOCKER_BRIDGE] {
-        let from = ifname(from);
-        let r = vxlan_rule(&input, ruleset.vxlan_port, Some(&from));
-        b.add(&r, MsgType::Add, "add the VXLAN drop rule in chain input");
-        for (addr, port) in store_ports(ruleset) {
-            let r = store_rule(&input, Some(&from), addr, port);
-            b.add(
-                &r,
-                MsgType::Add,
-                format!("add the store drop rule for {addr}:{port} in chain input"),
-            );
-        }
-    }
-
-    Ok(b)
+    Ok(Nftables::messages(ruleset)?.batch.finalize())
 }
 
 /// Makes sure the table exists so that the delete cannot fail, deletes it (and with it every

@@ -403,6 +403,16 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_ruleset_has_no_shape_as_apply_refuses_it() {
+        let mut bad = ruleset(vec![], 1);
+        bad.bridge = "a_much_too_long_name".into();
+        assert!(matches!(
+            desired_shape(&bad),
+            Err(FirewallError::InvalidRuleset { .. })
+        ));
+    }
+
+    #[test]
     fn more_store_members_mean_more_rules_and_an_empty_set_is_still_a_set() {
         let one = desired_shape(&ruleset(vec![], 1)).expect("valid");
         let two = desired_shape(&ruleset(vec![], 2)).expect("valid");
