@@ -481,8 +481,27 @@ impl Reconciler {
             }
             needed_sandboxes.insert(sandbox_name(id));
             report.checked.networks += 1;
-            self.doctor_network(report, net, &want, attachments.get(id))
-                .await?;
+            // One network that cannot be read (its MTU does not fit this host, a netlink
+            // error) is a finding of its own; the others are still checked.
+            if let Err(e) = self
+                .doctor_network(report, net, &want, attachments.get(id))
+                .await
+            {
+                let label = network_label(net);
+                report.findings.push(Finding {
+                    fix: "the error says what is wrong; `vxnet info` shows whether the \
+                          reconciler fails on this network too"
+                        .into(),
+                    ..finding(
+                        Area::Sandbox,
+                        Some(&label),
+                        format!("sandbox {}", sandbox_name(id)),
+                        Difference::Wrong,
+                        Some("a sandbox that can be read back".into()),
+                        Some(format!("could not be checked: {e}")),
+                    )
+                });
+            }
         }
         for name in on_disk.difference(&needed_sandboxes) {
             let network = networks
