@@ -2,7 +2,8 @@
 //! behind the daemon's back (an FDB entry, a neighbour, a network's sandbox, the VTEP set,
 //! the gateway bridge, the table and a rule in it, container veths) is named object by
 //! object with exit 1, and passes again after `vxnet reconcile`; a host with no network
-//! passes; no daemon, or one that has not read the store, is exit 2 with a message.
+//! passes, and so does one with hostile records in the store; no daemon, or one that has
+//! not read the store, is exit 2 with a message.
 
 mod common;
 
@@ -25,6 +26,23 @@ fn doctor_text(lab: &TestLab, host: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn info(lab: &TestLab, host: &str) -> Value {
+    serde_json::from_str(&lab.vx(host, &["info", "--format", "json"])).unwrap()
+}
+
+fn etcd_put(lab: &TestLab, key: &str, value: &str) {
+    let store = lab.lab.cluster_store().replace("etcd://", "http://");
+    let out = lab.sh(
+        "vm1",
+        &["etcdctl", "--endpoints", &store, "put", key, value],
+    );
+    assert!(
+        out.status.success(),
+        "etcdctl put {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn findings(report: &Value) -> Vec<Value> {
@@ -339,6 +357,37 @@ async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without
     reconcile(lab, "vm2");
     assert_healthy(lab, "vm2", "after reconcile of the veths");
     assert!(lab.pings("vm2", "c2", &w.c3_ip));
+
+    // Hostile records in the store (as anyone with etcd access could write them) never
+    // reach the wanted state: the view refuses them, so doctor neither reports nor trips
+    // over them.
+    let prefix = info(lab, "vm2")["store_prefix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vm3 = info(lab, "vm3")["node"]["id"].as_str().unwrap().to_string();
+    let hostile = [
+        ("01:00:5e:00:00:01", "10.0.40.200"),
+        ("02:42:0a:00:28:c9", "10.0.99.5"),
+        ("02:42:0a:00:28:01", "10.0.40.1"),
+    ];
+    for (mac, ip) in hostile {
+        let id = vxnet::model::Id::random();
+        let body = serde_json::json!({"id": id.as_str(), "network_id": w.net, "name": "evil",
+            "node_id": vm3, "ip": ip, "mac": mac, "created": ""});
+        etcd_put(
+            lab,
+            &format!("{prefix}endpoints/{}/{id}", w.net),
+            &body.to_string(),
+        );
+    }
+    etcd_put(
+        lab,
+        &format!("{prefix}endpoints/{}/{}", w.net, vxnet::model::Id::random()),
+        "{\"id\": ",
+    );
+    wait_until(|| info(lab, "vm2")["records_rejected"].as_u64() >= Some(4));
+    assert_healthy(lab, "vm2", "with hostile records in the store");
 
     // No daemon: the check cannot run, which is neither healthy nor a difference.
     assert!(lab.lab.stop_daemon("vm3").unwrap());
