@@ -106,6 +106,13 @@ fn checked_text(c: &Checked) -> String {
             count(c.gateway_interfaces, "interface", "interfaces")
         ));
     }
+    if c.container_routes > 0 {
+        parts.push(count(
+            c.container_routes,
+            "container route",
+            "container routes",
+        ));
+    }
     parts.push(format!(
         "{} with {}",
         count(c.firewall_chains, "firewall chain", "firewall chains"),
@@ -131,6 +138,7 @@ mod tests {
                 neighbours: 2,
                 gateway_interfaces: 1,
                 gateway_bridge: true,
+                container_routes: 0,
                 firewall_chains: 5,
                 firewall_set_elements: 2,
             },

@@ -118,6 +118,9 @@ pub struct Checked {
     pub gateway_interfaces: usize,
     /// Whether the gateway bridge was checked (some container here needs it).
     pub gateway_bridge: bool,
+    /// CNI containers' routes in the host namespace (via their gateway-bridge address).
+    #[serde(default)]
+    pub container_routes: usize,
     pub firewall_chains: usize,
     pub firewall_set_elements: usize,
 }
@@ -294,6 +297,53 @@ pub fn diff_ports(
             Difference::Unexpected,
             None,
             Some("a veth no container here owns".into()),
+        ));
+    }
+    out
+}
+
+/// The CNI containers' routes in the host namespace (overlay address via its gateway-bridge
+/// address, for a chained portmap): wanted against vxnet's routes there.
+pub fn diff_routes(
+    want: &HashMap<Ipv4Addr, Ipv4Addr>,
+    have: &[(Ipv4Addr, Ipv4Addr)],
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let have_map: HashMap<Ipv4Addr, Ipv4Addr> = have.iter().copied().collect();
+    let mut wanted: Vec<_> = want.iter().collect();
+    wanted.sort();
+    for (dst, via) in wanted {
+        let object = format!("route to {dst}/32");
+        match have_map.get(dst) {
+            Some(h) if h == via => {}
+            Some(h) => out.push(finding(
+                Area::Gateway,
+                None,
+                object,
+                Difference::Wrong,
+                Some(format!("via {via}")),
+                Some(format!("via {h}")),
+            )),
+            None => out.push(finding(
+                Area::Gateway,
+                None,
+                object,
+                Difference::Missing,
+                Some(format!("via {via}")),
+                None,
+            )),
+        }
+    }
+    let mut extra: Vec<_> = have.iter().filter(|(d, _)| !want.contains_key(d)).collect();
+    extra.sort();
+    for (dst, via) in extra {
+        out.push(finding(
+            Area::Gateway,
+            None,
+            format!("route to {dst}/32"),
+            Difference::Unexpected,
+            None,
+            Some(format!("via {via}")),
         ));
     }
     out
@@ -714,6 +764,10 @@ impl Reconciler {
                 ));
             }
         }
+        let routes = dataplane::list_container_routes(&self.host).await?;
+        let wanted_routes = self.wanted_container_routes();
+        report.checked.container_routes += wanted_routes.len();
+        report.findings.extend(diff_routes(&wanted_routes, &routes));
         let ports = dataplane::list_gateway_endpoints(&self.host, index).await?;
         report
             .findings
@@ -906,6 +960,35 @@ mod tests {
             ]
         );
         assert_eq!(f[0].want.as_deref(), Some("veth of container c1"));
+    }
+
+    #[test]
+    fn container_routes_missing_wrong_and_stray() {
+        let gw = |last: u8| Ipv4Addr::new(172, 18, 0, last);
+        let want: HashMap<Ipv4Addr, Ipv4Addr> = [(ip(3), gw(2)), (ip(4), gw(3))].into();
+        assert!(diff_routes(&want, &[(ip(3), gw(2)), (ip(4), gw(3))]).is_empty());
+        let f = diff_routes(&want, &[(ip(3), gw(9)), (ip(5), gw(4))]);
+        assert_eq!(
+            summary(&f),
+            [
+                (
+                    Area::Gateway,
+                    Difference::Wrong,
+                    "route to 10.0.4.3/32".into()
+                ),
+                (
+                    Area::Gateway,
+                    Difference::Missing,
+                    "route to 10.0.4.4/32".into()
+                ),
+                (
+                    Area::Gateway,
+                    Difference::Unexpected,
+                    "route to 10.0.4.5/32".into()
+                ),
+            ]
+        );
+        assert_eq!(f[0].have.as_deref(), Some("via 172.18.0.9"));
     }
 
     fn shape(chains: &[(&str, usize)], vteps: &[u8]) -> TableShape {

@@ -72,7 +72,7 @@ impl Reconciler {
 
     /// The container routes the records want: every live CNI container's overlay addresses
     /// via its gateway-bridge address.
-    fn wanted_container_routes(&self) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
+    pub(super) fn wanted_container_routes(&self) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
         self.registry
             .list()
             .iter()
