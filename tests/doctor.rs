@@ -358,6 +358,23 @@ async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without
     assert_healthy(lab, "vm2", "after reconcile of the veths");
     assert!(lab.pings("vm2", "c2", &w.c3_ip));
 
+    // vxlan1 deleted: named, and the entries on it are reported as not checked.
+    lab.in_sandbox("vm2", &w.net, &["ip", "link", "del", "vxlan1"]);
+    let (code, report) = doctor(lab, "vm2");
+    assert_eq!(code, 1, "{report:#}");
+    let vx = find(&report, "sandbox", "vxlan1 in sandbox").unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(vx["difference"], "missing");
+    assert!(
+        report["skipped"][0]
+            .as_str()
+            .unwrap()
+            .contains("interfaces and peers"),
+        "{report:#}"
+    );
+    reconcile(lab, "vm2");
+    assert_healthy(lab, "vm2", "after reconcile of vxlan1");
+    assert!(lab.pings("vm2", "c2", &w.c3_ip));
+
     // Hostile records in the store (as anyone with etcd access could write them) never
     // reach the wanted state: the view refuses them, so doctor neither reports nor trips
     // over them.

@@ -432,9 +432,21 @@ pub struct SandboxInspection {
     /// The sandbox, when its namespace holds both `br0` and `vxlan1` (of any settings): what
     /// the readers (`list_endpoint_links`, `list_peer_entries`) need.
     pub sandbox: Option<Sandbox>,
-    /// Each way `br0` or `vxlan1` differs from the spec: (device, what is wrong).
-    pub problems: Vec<(&'static str, String)>,
+    /// Each way `br0` or `vxlan1` differs from the spec.
+    pub problems: Vec<SandboxProblem>,
 }
+
+/// One way a sandbox device differs from its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxProblem {
+    /// `br0` or `vxlan1`.
+    pub device: &'static str,
+    /// The device is not there at all (`what` then says "missing").
+    pub missing: bool,
+    pub what: String,
+}
+
+const MISSING: &str = "missing";
 
 /// Reads a sandbox back against `spec` without changing anything (`vxnet doctor`): the
 /// same comparisons `ensure_sandbox` makes before it repairs, reported instead of fixed.
@@ -463,11 +475,17 @@ pub async fn inspect_sandbox(
         .netlink()
         .map_err(|e| ns_err("open a netlink socket in", e))?;
     let label = format!("sandbox {}", spec.name);
-    let mut problem = |device, what: String| out.problems.push((device, what));
+    let mut problem = |device, what: String| {
+        out.problems.push(SandboxProblem {
+            device,
+            missing: false,
+            what,
+        })
+    };
 
     let bridge = links::link_by_name(&handle, BRIDGE_NAME, &label).await?;
     match &bridge {
-        None => problem(BRIDGE_NAME, "missing".into()),
+        None => problem(BRIDGE_NAME, MISSING.into()),
         Some(l) if links::kind(l) != Some(&InfoKind::Bridge) => problem(
             BRIDGE_NAME,
             format!("is a {}, not a bridge", links::kind_name(l)),
@@ -492,7 +510,7 @@ pub async fn inspect_sandbox(
     }
     let vxlan = links::link_by_name(&handle, VXLAN_NAME, &label).await?;
     match (&vxlan, &bridge) {
-        (None, _) => problem(VXLAN_NAME, "missing".into()),
+        (None, _) => problem(VXLAN_NAME, MISSING.into()),
         (Some(l), _) if vxlan_mismatch(l, spec).is_some() => {
             problem(VXLAN_NAME, vxlan_mismatch(l, spec).unwrap_or_default())
         }
@@ -515,6 +533,9 @@ pub async fn inspect_sandbox(
                 );
             }
         }
+    }
+    for p in &mut out.problems {
+        p.missing = p.what == MISSING;
     }
     if let (Some(br), Some(vx)) = (bridge, vxlan) {
         out.sandbox = Some(Sandbox {

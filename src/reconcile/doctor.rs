@@ -602,19 +602,18 @@ impl Reconciler {
             return Ok(());
         }
         report.checked.sandboxes += 1;
-        for (device, problem) in found.problems {
-            let difference = if problem == "missing" {
-                Difference::Missing
-            } else {
-                Difference::Wrong
+        for p in found.problems {
+            let (difference, have) = match p.missing {
+                true => (Difference::Missing, None),
+                false => (Difference::Wrong, Some(p.what)),
             };
             report.findings.push(finding(
                 Area::Sandbox,
                 Some(&label),
-                format!("{device} in sandbox {name}"),
+                format!("{} in sandbox {name}", p.device),
                 difference,
                 None,
-                Some(problem),
+                have,
             ));
         }
         let Some(sandbox) = found.sandbox else {
