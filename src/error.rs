@@ -67,6 +67,11 @@ pub enum Error {
         "this daemon has not joined the cluster yet (node lease not registered); try again shortly"
     )]
     NotRegistered,
+    #[error(
+        "this daemon has not read the cluster store yet, so there is nothing to compare the \
+         kernel with; try again shortly (`vxnet info` shows the view revision)"
+    )]
+    NotSynced,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("corrupt record in the cluster store at {key}: {reason}")]
@@ -147,7 +152,9 @@ impl Error {
             Error::Dataplane(crate::dataplane::DataplaneError::NameTaken { .. }) => {
                 ErrorKind::Conflict
             }
-            Error::Contention(_) | Error::NotRegistered => ErrorKind::Unavailable,
+            Error::Contention(_) | Error::NotRegistered | Error::NotSynced => {
+                ErrorKind::Unavailable
+            }
             Error::Store(
                 StoreError::Unreachable { .. }
                 | StoreError::Tls { .. }

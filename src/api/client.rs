@@ -326,6 +326,11 @@ impl Client {
         self.call(Method::POST, "/v1/reconcile", None::<&()>).await
     }
 
+    /// This host's kernel state checked against the store; changes nothing.
+    pub async fn doctor(&self) -> Result<super::types::DoctorReport, ClientError> {
+        self.call(Method::GET, "/v1/doctor", None::<&()>).await
+    }
+
     /// `GET /v1/events`: the cluster events `filter` selects, read line by line.
     pub async fn events(&self, filter: &EventFilter) -> Result<EventStream, ClientError> {
         let query: Vec<String> = filter

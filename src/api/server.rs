@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
             delete(disconnect_container),
         )
         .route("/v1/reconcile", axum::routing::post(reconcile))
+        .route("/v1/doctor", get(doctor))
         .route("/v1/cni/add", axum::routing::post(cni_add))
         .route("/v1/cni/del", axum::routing::post(cni_del))
         .route("/v1/cni/check", axum::routing::post(cni_check))
@@ -485,6 +486,11 @@ async fn disconnect_container(
 
 async fn reconcile(State(state): State<AppState>) -> ApiResult<Json<ResyncReport>> {
     Ok(Json(state.reconciler.resync().await?))
+}
+
+/// Read only: this host's kernel state against the store (`vxnet doctor`).
+async fn doctor(State(state): State<AppState>) -> ApiResult<Json<super::types::DoctorReport>> {
+    Ok(Json(state.reconciler.doctor().await?))
 }
 
 // The CNI plugin's calls (`vxnet-cni`, src/cni/): see docs/api.md.

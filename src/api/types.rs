@@ -4,6 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Endpoint, Network, Node};
 
+/// `GET /v1/doctor`: defined beside the reconciler that computes it (the API sits above the
+/// reconciler and the layering runs one way), served as is.
+pub use crate::reconcile::doctor::{Area, Checked, Difference, DoctorReport, Finding};
+
 /// Every error answer: `{"message": "..."}` with a 4xx/5xx status, as Docker's API does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -3,6 +3,7 @@
 
 mod container;
 mod daemon;
+mod doctor;
 mod events;
 mod lab;
 mod network;
@@ -71,9 +72,16 @@ enum Command {
         #[arg(required = true)]
         containers: Vec<String>,
     },
-    /// Re-read the kernel and fix whatever differs from the desired state.
-    #[command(hide = true)]
+    /// Re-read this host's kernel state and fix whatever differs from the store (what
+    /// `vxnet doctor` reports); prints what was done as JSON.
     Reconcile,
+    /// Check this host's kernel state against the store, changing nothing: each difference
+    /// with what to do. Exit 0: it matches, 1: differences, 2: the check could not run.
+    Doctor {
+        /// Output format: `json` for scripts.
+        #[arg(long)]
+        format: Option<String>,
+    },
     /// vxnet's nftables table on this host.
     #[command(subcommand)]
     Firewall(FirewallCommand),
@@ -169,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Events(args) => events::run(&client(&cli.host)?, args).await,
+        Command::Doctor { format } => Ok(doctor::run(&cli.host, format.as_deref()).await),
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }

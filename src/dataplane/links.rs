@@ -231,6 +231,25 @@ pub async fn ensure_ipv4_addresses(
     Ok(changed)
 }
 
+/// The IPv4 addresses (with prefix) of link `index`, read only.
+pub async fn ipv4_addresses(
+    h: &Handle,
+    index: u32,
+    ns: &str,
+) -> Result<Vec<Ipv4Net>, DataplaneError> {
+    let current: Vec<AddressMessage> = collect(
+        "list the addresses of",
+        || format!("link {index} in {ns}"),
+        || h.address().get().set_link_index_filter(index).execute(),
+    )
+    .await?;
+    Ok(current
+        .iter()
+        .filter(|a| a.header.family == AddressFamily::Inet)
+        .filter_map(|a| Ipv4Net::new(ipv4_of(a)?, a.header.prefix_len).ok())
+        .collect())
+}
+
 // Attribute accessors: the "ensure" logic compares what the kernel reports with the spec.
 
 pub fn name(l: &LinkMessage) -> Option<&str> {

@@ -30,10 +30,11 @@ pub use gateway::{
     remove_gateway_endpoint, GatewayBridgeSpec, GatewayEndpointSpec,
 };
 pub use links::{find_underlay, Underlay};
-pub use peers::{add_peers, list_peers, remove_peers, Peer};
+pub use peers::{add_peers, list_peer_entries, list_peers, remove_peers, Peer, PeerEntries};
 pub use sandbox::{
-    bridge_mac, ensure_sandbox, list_sandboxes, remove_sandbox, sandbox_path, Sandbox, SandboxSpec,
-    BRIDGE_NAME, SANDBOX_PREFIX, VXLAN_NAME,
+    bridge_mac, ensure_sandbox, inspect_sandbox, list_sandboxes, remove_sandbox, sandbox_path,
+    Sandbox, SandboxInspection, SandboxProblem, SandboxSpec, BRIDGE_NAME, SANDBOX_PREFIX,
+    VXLAN_NAME,
 };
 
 /// How long one netlink request may go unanswered. The kernel answers in microseconds; a

@@ -321,10 +321,18 @@ fn neighbour_ipv4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
     })
 }
 
-/// The peers programmed on `vxlan1` (sorted): static FDB entries with a destination,
-/// joined by MAC with permanent neighbours. A half entry (one without the other) is left
-/// out: it cannot carry traffic.
-pub async fn list_peers(sandbox: &Sandbox) -> Result<Vec<Peer>, DataplaneError> {
+/// The static entries on `vxlan1`, each kind on its own: FDB entries (MAC -> the VTEPs it
+/// is sent to) and permanent neighbours (IP -> MAC). `list_peers` joins them; a check
+/// (`vxnet doctor`) reads them apart, to say which half of a peer is missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerEntries {
+    pub fdb: HashMap<Mac, Vec<Ipv4Addr>>,
+    pub neighbours: HashMap<Ipv4Addr, Mac>,
+}
+
+/// Reads the static FDB entries with a destination and the permanent neighbours of
+/// `vxlan1` (read only).
+pub async fn list_peer_entries(sandbox: &Sandbox) -> Result<PeerEntries, DataplaneError> {
     let h = sandbox.handle();
     let vx = sandbox.vxlan_index();
     let object = || format!("{VXLAN_NAME} in sandbox {}", sandbox.name());
@@ -343,7 +351,8 @@ pub async fn list_peers(sandbox: &Sandbox) -> Result<Vec<Peer>, DataplaneError> 
             .execute()
     })
     .await?;
-    let vteps: HashMap<Mac, Ipv4Addr> = fdb
+    let mut out = PeerEntries::default();
+    for (mac, vtep) in fdb
         .iter()
         .filter(|n| {
             n.header.ifindex == vx
@@ -351,16 +360,31 @@ pub async fn list_peers(sandbox: &Sandbox) -> Result<Vec<Peer>, DataplaneError> 
                 && n.header.state == NeighbourState::Permanent
         })
         .filter_map(|n| Some((neighbour_mac(n)?, neighbour_ipv4(n)?)))
-        .collect();
-    let mut peers: Vec<Peer> = neighbours
+    {
+        out.fdb.entry(mac).or_default().push(vtep);
+    }
+    out.neighbours = neighbours
         .iter()
         .filter(|n| n.header.ifindex == vx && n.header.state == NeighbourState::Permanent)
-        .filter_map(|n| {
-            let mac = neighbour_mac(n)?;
+        .filter_map(|n| Some((neighbour_ipv4(n)?, neighbour_mac(n)?)))
+        .collect();
+    Ok(out)
+}
+
+/// The peers programmed on `vxlan1` (sorted): static FDB entries with a destination,
+/// joined by MAC with permanent neighbours. A half entry (one without the other) is left
+/// out: it cannot carry traffic.
+pub async fn list_peers(sandbox: &Sandbox) -> Result<Vec<Peer>, DataplaneError> {
+    let entries = list_peer_entries(sandbox).await?;
+    let mut peers: Vec<Peer> = entries
+        .neighbours
+        .iter()
+        .filter_map(|(ip, mac)| {
             Some(Peer {
-                ip: neighbour_ipv4(n)?,
-                mac,
-                vtep: *vteps.get(&mac)?,
+                ip: *ip,
+                mac: *mac,
+                // The last one listed, as before the entries were read apart.
+                vtep: *entries.fdb.get(mac)?.last()?,
             })
         })
         .collect();

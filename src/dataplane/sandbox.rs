@@ -424,6 +424,132 @@ async fn delete_leftover(h: &Handle, tmp: &str, ns_label: &str) -> Result<(), Da
     links::delete_link(h, old.header.index, &object).await
 }
 
+/// What [`inspect_sandbox`] found, changing nothing.
+#[derive(Debug)]
+pub struct SandboxInspection {
+    /// Whether the namespace exists at its path.
+    pub namespace: bool,
+    /// The sandbox, when its namespace holds both `br0` and `vxlan1` (of any settings): what
+    /// the readers (`list_endpoint_links`, `list_peer_entries`) need.
+    pub sandbox: Option<Sandbox>,
+    /// Each way `br0` or `vxlan1` differs from the spec.
+    pub problems: Vec<SandboxProblem>,
+}
+
+/// One way a sandbox device differs from its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxProblem {
+    /// `br0` or `vxlan1`.
+    pub device: &'static str,
+    /// The device is not there at all (`what` then says "missing").
+    pub missing: bool,
+    pub what: String,
+}
+
+const MISSING: &str = "missing";
+
+/// Reads a sandbox back against `spec` without changing anything (`vxnet doctor`): the
+/// same comparisons `ensure_sandbox` makes before it repairs, reported instead of fixed.
+pub async fn inspect_sandbox(
+    run_dir: &Path,
+    spec: &SandboxSpec,
+) -> Result<SandboxInspection, DataplaneError> {
+    let path = sandbox_path(run_dir, &spec.name);
+    let ns_err = |action, source| DataplaneError::Namespace {
+        action,
+        what: format!("the sandbox namespace {}", path.display()),
+        source,
+        hint: "check that the process runs as root",
+    };
+    let mut out = SandboxInspection {
+        namespace: false,
+        sandbox: None,
+        problems: Vec::new(),
+    };
+    if !is_namespace(&path).map_err(|e| ns_err("inspect", e))? {
+        return Ok(out);
+    }
+    out.namespace = true;
+    let ns = NetNs::open(&path).map_err(|e| ns_err("open", e))?;
+    let handle = ns
+        .netlink()
+        .map_err(|e| ns_err("open a netlink socket in", e))?;
+    let label = format!("sandbox {}", spec.name);
+    let mut problem = |device, what: String| {
+        out.problems.push(SandboxProblem {
+            device,
+            missing: false,
+            what,
+        })
+    };
+
+    let bridge = links::link_by_name(&handle, BRIDGE_NAME, &label).await?;
+    match &bridge {
+        None => problem(BRIDGE_NAME, MISSING.into()),
+        Some(l) if links::kind(l) != Some(&InfoKind::Bridge) => problem(
+            BRIDGE_NAME,
+            format!("is a {}, not a bridge", links::kind_name(l)),
+        ),
+        Some(l) => {
+            if !links::is_up(l) {
+                problem(BRIDGE_NAME, "is down".into());
+            }
+            if links::mtu(l) != Some(spec.mtu) {
+                problem(
+                    BRIDGE_NAME,
+                    format!("has MTU {:?}, wants {}", links::mtu(l), spec.mtu),
+                );
+            }
+            let mut wanted = vec![spec.gateway];
+            wanted.extend(spec.service_address.map(Ipv4Net::from));
+            let have = links::ipv4_addresses(&handle, l.header.index, &label).await?;
+            for want in wanted.iter().filter(|w| !have.contains(w)) {
+                problem(BRIDGE_NAME, format!("lacks its address {want}"));
+            }
+        }
+    }
+    let vxlan = links::link_by_name(&handle, VXLAN_NAME, &label).await?;
+    match (&vxlan, &bridge) {
+        (None, _) => problem(VXLAN_NAME, MISSING.into()),
+        (Some(l), _) if vxlan_mismatch(l, spec).is_some() => {
+            problem(VXLAN_NAME, vxlan_mismatch(l, spec).unwrap_or_default())
+        }
+        (Some(l), br) => {
+            if br.as_ref().map(|b| b.header.index) != links::master(l) {
+                problem(VXLAN_NAME, format!("is not a port of {BRIDGE_NAME}"));
+            } else if port_learning(l) != Some(false) {
+                problem(
+                    VXLAN_NAME,
+                    "learns MACs (bridge-port learning is on)".into(),
+                );
+            }
+            if !links::is_up(l) {
+                problem(VXLAN_NAME, "is down".into());
+            }
+            if links::mtu(l) != Some(spec.mtu) {
+                problem(
+                    VXLAN_NAME,
+                    format!("has MTU {:?}, wants {}", links::mtu(l), spec.mtu),
+                );
+            }
+        }
+    }
+    for p in &mut out.problems {
+        p.missing = p.what == MISSING;
+    }
+    if let (Some(br), Some(vx)) = (bridge, vxlan) {
+        out.sandbox = Some(Sandbox {
+            name: spec.name.clone(),
+            ns,
+            handle,
+            bridge_index: br.header.index,
+            vxlan_index: vx.header.index,
+            vxlan_created: false,
+        });
+    }
+    Ok(out)
+}
+
 /// Removes the sandbox: deletes its links, then unmounts and unlinks the namespace file.
 /// Missing is fine. The links are deleted explicitly because the namespace outlives the
 /// unmount while anything still holds it (a `Sandbox` value, its netlink socket, a process),

@@ -52,6 +52,7 @@
 //! worker that has been moved into another one.
 
 mod nftables;
+mod readback;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -59,6 +60,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub use nftables::Nftables;
+pub use readback::{desired_shape, read_table, TableShape};
 
 /// The table vxnet owns (family `inet`).
 pub const TABLE: &str = "vxnet";

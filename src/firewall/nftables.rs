@@ -36,14 +36,16 @@ const RTN_LOCAL: u32 = 2;
 
 /// How long to wait for the kernel's acknowledgements (it answers in microseconds; this is
 /// only so that a lost answer is an error, not a hang).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The nf_tables netlink backend. Acts on the calling thread's network namespace.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nftables;
 
-impl Firewall for Nftables {
-    fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+impl Nftables {
+    /// The whole `inet vxnet` table for `ruleset` as one replace: what `apply` sends, and
+    /// what `readback::desired_shape` reads the wanted table from.
+    fn messages(ruleset: &Ruleset) -> Result<Messages, FirewallError> {
         ruleset.validate()?;
         let name = table_name();
         let table = Table::new(&name, ProtoFamily::Inet);
@@ -227,7 +229,13 @@ impl Firewall for Nftables {
             );
         }
 
-        b.send()
+        Ok(b)
+    }
+}
+
+impl Firewall for Nftables {
+    fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+        Self::messages(ruleset)?.send()
     }
 
     fn guard_dns(&self, guard: &DnsGuard) -> Result<(), FirewallError> {
@@ -285,6 +293,12 @@ impl Firewall for Nftables {
         b.add(&table, MsgType::Del, "delete table inet vxnet");
         b.send()
     }
+}
+
+/// The batch `apply` sends for `ruleset`, finalized but not sent (read back by
+/// `readback::desired_shape`).
+pub(super) fn build(ruleset: &Ruleset) -> Result<FinalizedBatch, FirewallError> {
+    Ok(Nftables::messages(ruleset)?.batch.finalize())
 }
 
 /// Makes sure the table exists so that the delete cannot fail, deletes it (and with it every
@@ -663,10 +677,10 @@ fn answer_seq(message: &[u8]) -> Option<u32> {
 
 /// A receive buffer aligned for `nlmsghdr`, as libmnl requires.
 #[repr(C, align(8))]
-struct RecvBuf([u8; 64 * 1024]);
+pub(super) struct RecvBuf(pub(super) [u8; 64 * 1024]);
 
 impl RecvBuf {
-    fn new() -> Box<Self> {
+    pub(super) fn new() -> Box<Self> {
         Box::new(RecvBuf([0; 64 * 1024]))
     }
 }
@@ -713,6 +727,11 @@ fn set_buffer(fd: i32, force: libc::c_int, plain: libc::c_int, size: usize) -> i
         return Ok(());
     }
     setsockopt(fd, plain, &size)
+}
+
+/// The answer timeout on a socket of `readback`'s.
+pub(super) fn set_answer_timeout(socket: &mnl::Socket) -> io::Result<()> {
+    set_timeout(socket.as_raw_fd(), ANSWER_TIMEOUT)
 }
 
 fn set_timeout(fd: i32, timeout: Duration) -> io::Result<()> {

@@ -337,16 +337,18 @@ impl LocalCluster {
         }
         let end = String::from_utf8_lossy(&end).into_owned();
         let mut state = String::new();
-        for (from, to) in [(self.prefix.as_str(), health.as_str()), (&after_health, &end)] {
+        for (from, to) in [
+            (self.prefix.as_str(), health.as_str()),
+            (&after_health, &end),
+        ] {
             let out = self
                 .etcd
                 .etcdctl(&self.ns, &["get", from, to, "--keys-only", "-w", "json"])?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-                LabError::ProcessFailed {
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| LabError::ProcessFailed {
                     what: "etcdctl get".into(),
                     detail: format!("{e}: {}", String::from_utf8_lossy(&out.stderr)),
-                }
-            })?;
+                })?;
             for kv in v["kvs"].as_array().into_iter().flatten() {
                 state.push_str(&format!(
                     "{} {} {} {}\n",

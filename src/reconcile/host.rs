@@ -72,7 +72,7 @@ impl Reconciler {
 
     /// The container routes the records want: every live CNI container's overlay addresses
     /// via its gateway-bridge address.
-    fn wanted_container_routes(&self) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
+    pub(super) fn wanted_container_routes(&self) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
         self.registry
             .list()
             .iter()
@@ -238,7 +238,12 @@ impl Reconciler {
             .filter(|r| r.gateway_attachment.is_some())
             .collect();
         let bridge = match live.is_empty() {
-            false => self.ensure_gateway_bridge().await?,
+            // Read back, not taken from the cache: someone may have deleted the bridge (its
+            // old index then names nothing, and every port's repair failed with EINVAL).
+            false => {
+                *self.gateway_bridge.lock().await = None;
+                self.ensure_gateway_bridge().await?
+            }
             // No container needs the bridge; if it exists from before, still sweep it.
             true => match *self.gateway_bridge.lock().await {
                 Some(bridge) => bridge,

@@ -16,6 +16,7 @@
 //! - `peers.rs`: remote endpoints as FDB/neighbour entries and the plan that gets there.
 //! - `host.rs`: the gateway bridge and the nftables table in the host's namespace.
 //! - `report.rs`: what a resync reports.
+//! - `doctor.rs`: the kernel checked against the same desired state, changing nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -33,6 +34,7 @@ use crate::registry::{Attachment, ContainerState, NetnsRef, Registry};
 use crate::view::{ClusterView, SharedView};
 
 mod controller;
+pub mod doctor;
 mod host;
 mod network;
 mod peers;
