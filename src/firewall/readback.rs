@@ -380,6 +380,7 @@ mod tests {
             store: (0..store)
                 .map(|i| std::net::SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 5 + i as u8), 2379))
                 .collect(),
+            host_services: vec![],
         }
     }
 
