@@ -105,6 +105,19 @@ enum Command {
 /// Parses the command line, runs it, and turns failures into a message and exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Rust starts every program with SIGPIPE ignored. The daemon keeps it so (a client that
+    // hangs up must not kill it); every other command gets the default back: `vxnet … | head`
+    // ends quietly instead of panicking on a closed stdout, and the command a container
+    // runs (exec'd by container-init) does not inherit an ignored SIGPIPE, as under Docker.
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // SAFETY: no other thread exists yet, and SIG_DFL installs no handler code.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     // A lab host's init unshares its mount namespace, which must happen while this process
     // has a single thread: before the runtime exists.
     if let Command::Lab(lab::LabCommand::HostInit(args)) = &cli.command {
