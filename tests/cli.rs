@@ -256,3 +256,34 @@ async fn the_api_socket_is_root_only_or_shared_with_the_group_given() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     drop(guard);
 }
+
+/// Rust ignores SIGPIPE in its programs; a container's command (exec'd by container-init)
+/// must not inherit that, or `yes | head` in a container behaves unlike everywhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containers_command_gets_the_default_sigpipe() {
+    let lab = common::TestLab::up(2).await;
+    lab.network("pipes", "10.88.0.0/24");
+    let out = lab.vx(
+        "vm2",
+        &[
+            "run",
+            "--rm",
+            "--net",
+            "pipes",
+            "--",
+            "grep",
+            "SigIgn",
+            "/proc/self/status",
+        ],
+    );
+    let mask = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| u64::from_str_radix(m, 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line: {out}"));
+    assert_eq!(
+        mask & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE ignored: {out}"
+    );
+}
