@@ -50,6 +50,10 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ethtool >/dev/null || need+=(ethtool)
 # The DNS benchmark's second anchor: Podman's name server.
 [ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
+# The Debian package (scripts/package, tests/package): cargo-deb reads the libraries' package
+# names with dpkg-shlibdeps, and the test checks the unit with systemd-analyze verify.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # bench/run draws its charts with the system python's matplotlib (VXNET_DEPS_CHARTS=1).
 if [ "${VXNET_DEPS_CHARTS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
   need+=(python3-matplotlib)
