@@ -52,6 +52,10 @@ command -v ethtool >/dev/null || need+=(ethtool)
 [ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
 # The metrics test parses a scrape with an independent OpenMetrics parser (the system python's).
 /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need+=(python3-prometheus-client)
+# The Debian package (scripts/package, tests/package): cargo-deb reads the libraries' package
+# names with dpkg-shlibdeps, and the test checks the unit with systemd-analyze verify.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # bench/run draws its charts with the system python's matplotlib (VXNET_DEPS_CHARTS=1).
 if [ "${VXNET_DEPS_CHARTS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
   need+=(python3-matplotlib)
