@@ -25,6 +25,9 @@ use crate::store::etcd::{parse_store_opts, EtcdConfig, EtcdStore};
 use crate::store::{Keys, Store, StoreError};
 use crate::view::spawn_watcher;
 
+/// How long readiness waits for the node's registration before it is announced anyway.
+const READY_WITHOUT_STORE: Duration = Duration::from_secs(30);
+
 /// Everything `vxnet daemon` is configured with.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -282,18 +285,33 @@ pub async fn run(
         events,
     }));
     // Ready for systemd (Type=notify) once this node is registered: engines ordered after
-    // vxnet then find their plugin, and the API answers with the cluster in view.
+    // vxnet then find their plugin, and the API answers with the cluster in view. With the
+    // store out of reach at boot, ready anyway after READY_WITHOUT_STORE (the daemon serves
+    // and keeps retrying, and this host's containers keep their networking): otherwise
+    // systemd would fail the unit at its start timeout and hold Docker back until then.
     let mut registered = membership_for_ready.registered();
     let ready_name = node.name.clone();
+    let ready_membership = membership_for_ready.clone();
     tokio::spawn(async move {
-        crate::systemd::notify(&[crate::systemd::Notice::Status(
-            "registering in the cluster store",
-        )]);
-        if registered.wait_for(|r| *r).await.is_ok() {
-            crate::systemd::notify(&[
-                crate::systemd::Notice::Ready,
-                crate::systemd::Notice::Status(&format!("serving as node {ready_name}")),
-            ]);
+        use crate::systemd::{notify, Notice};
+        notify(&[Notice::Status("registering in the cluster store")]);
+        let in_time = tokio::time::timeout(READY_WITHOUT_STORE, registered.wait_for(|r| *r)).await;
+        match in_time {
+            Ok(Ok(_)) => notify(&[
+                Notice::Ready,
+                Notice::Status(&format!("serving as node {ready_name}")),
+            ]),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                let why = ready_membership
+                    .store_error()
+                    .unwrap_or_else(|| "no answer yet".into());
+                tracing::warn!(error = %why, "not registered in the cluster store yet; telling systemd the daemon is ready anyway (it serves and keeps retrying)");
+                notify(&[
+                    Notice::Ready,
+                    Notice::Status(&format!("serving, not registered yet: {why}")),
+                ]);
+            }
         }
     });
     tracing::info!(

@@ -244,3 +244,65 @@ async fn the_daemon_runs_from_the_file_and_reloads_on_sighup() {
         "{text}"
     );
 }
+
+/// systemd's readiness without the store: the daemon serves and retries, and after a bounded
+/// wait it says READY=1 anyway, with the reason in its status, rather than let systemd fail
+/// the unit at its start timeout (and hold Docker back until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_store_the_daemon_is_ready_after_a_while_and_says_why() {
+    use std::os::unix::net::UnixDatagram;
+    let lab = TestLab::up(1).await; // vm1 runs etcd; this daemon is pointed past it
+    let dir = Dir::new("notify");
+    let sock = dir.0.join("notify.sock");
+    let listener = UnixDatagram::bind(&sock).unwrap();
+    listener
+        .set_read_timeout(Some(std::time::Duration::from_secs(90)))
+        .unwrap();
+    let host = lab.lab.host("vm1").unwrap();
+    let mut cmd = host.command(binary()).unwrap();
+    cmd.args([
+        "daemon",
+        "--cluster-store",
+        "etcd://192.0.2.5:1",
+        "--cluster-advertise",
+    ])
+    .arg(host.addr().to_string())
+    .arg("--state-dir")
+    .arg(dir.0.join("state"))
+    .arg("--run-dir")
+    .arg(dir.0.join("run"))
+    .arg("--socket")
+    .arg(dir.0.join("d.sock"))
+    .arg("--config-file")
+    .arg(dir.write("empty.json", "{}"))
+    .env("NOTIFY_SOCKET", &sock)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = listener.recv(&mut buf).expect("no READY=1 within 90 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(msg.clone());
+        if msg.lines().any(|l| l == "READY=1") {
+            assert!(
+                msg.contains("STATUS=serving, not registered yet"),
+                "{seen:?}"
+            );
+            break;
+        }
+    }
+    assert!(
+        seen[0].contains("STATUS=registering in the cluster store"),
+        "the first notice says what it waits for: {seen:?}"
+    );
+}
