@@ -274,11 +274,18 @@ impl Cluster {
         let listing = self.store.list(&self.keys.networks()).await?;
         let mut out = Vec::with_capacity(listing.kvs.len());
         for kv in &listing.kvs {
-            out.push(StoredNetwork {
-                network: parse_json(kv)?,
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-            });
+            // One unreadable record (written by anyone who reached etcd) must not stop the
+            // creation or removal of every other network: it is skipped here as the view
+            // skips it (which reports it in `vxnet info`). Its name and VNI keys, if any,
+            // still hold those values, so a new network cannot take them.
+            match parse_json(kv) {
+                Ok(network) => out.push(StoredNetwork {
+                    network,
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                }),
+                Err(e) => tracing::debug!(error = %e, "skipping an unreadable network record"),
+            }
         }
         Ok((out, listing.revision))
     }
