@@ -32,19 +32,6 @@ fn info(lab: &TestLab, host: &str) -> Value {
     serde_json::from_str(&lab.vx(host, &["info", "--format", "json"])).unwrap()
 }
 
-fn etcd_put(lab: &TestLab, key: &str, value: &str) {
-    let store = lab.lab.cluster_store().replace("etcd://", "http://");
-    let out = lab.sh(
-        "vm1",
-        &["etcdctl", "--endpoints", &store, "put", key, value],
-    );
-    assert!(
-        out.status.success(),
-        "etcdctl put {key}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn findings(report: &Value) -> Vec<Value> {
     report["findings"].as_array().cloned().unwrap_or_default()
 }
@@ -392,14 +379,12 @@ async fn doctor_finds_the_gateway_bridge_the_table_and_veths_and_exits_2_without
         let id = vxnet::model::Id::random();
         let body = serde_json::json!({"id": id.as_str(), "network_id": w.net, "name": "evil",
             "node_id": vm3, "ip": ip, "mac": mac, "created": ""});
-        etcd_put(
-            lab,
+        lab.etcd_put(
             &format!("{prefix}endpoints/{}/{id}", w.net),
             &body.to_string(),
         );
     }
-    etcd_put(
-        lab,
+    lab.etcd_put(
         &format!("{prefix}endpoints/{}/{}", w.net, vxnet::model::Id::random()),
         "{\"id\": ",
     );

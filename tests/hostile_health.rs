@@ -26,19 +26,6 @@ fn state_of(lab: &TestLab, on: &str, name: &str) -> String {
         .to_string()
 }
 
-fn etcd_put(lab: &TestLab, key: &str, value: &str) {
-    let store = lab.lab.cluster_store().replace("etcd://", "http://");
-    let out = lab.sh(
-        "vm1",
-        &["etcdctl", "--endpoints", &store, "put", key, value],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_health_records_are_shown_not_trusted() {
     let lab = TestLab::up(2).await;
@@ -48,19 +35,19 @@ async fn hostile_health_records_are_shown_not_trusted() {
     // a name with terminal escapes.
     let a = vxnet::model::Id::random();
     let b = vxnet::model::Id::random();
-    etcd_put(&lab, &format!("{prefix}{a}"), "{not json");
-    etcd_put(&lab, &format!("{prefix}../../nodes/x"), "{}");
+    lab.etcd_put(&format!("{prefix}{a}"), "{not json");
+    lab.etcd_put(&format!("{prefix}../../nodes/x"), "{}");
     let forged = serde_json::json!({
         "node_id": a.to_string(), "name": "\u{1b}[31mred\u{1b}[0m", "address": "192.0.2.99",
         "state": "running", "programmed_revision": 1, "desired_revision": 1, "networks": 0,
         "local_endpoints": 0, "version": "0", "kernel": "0",
         "started": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z"
     });
-    etcd_put(&lab, &format!("{prefix}{b}"), &forged.to_string());
+    lab.etcd_put(&format!("{prefix}{b}"), &forged.to_string());
     let c = vxnet::model::Id::random();
     let mut escaped = forged.clone();
     escaped["node_id"] = Value::String(c.to_string());
-    etcd_put(&lab, &format!("{prefix}{c}"), &escaped.to_string());
+    lab.etcd_put(&format!("{prefix}{c}"), &escaped.to_string());
 
     let list = nodes(&lab, "vm2");
     let by_id = |id: &vxnet::model::Id| {

@@ -15,19 +15,6 @@ fn info(lab: &TestLab, host: &str) -> Value {
     serde_json::from_str(&lab.vx(host, &["info", "--format", "json"])).unwrap()
 }
 
-fn etcd_put(lab: &TestLab, key: &str, value: &str) {
-    let store = lab.lab.cluster_store().replace("etcd://", "http://");
-    let out = lab.sh(
-        "vm1",
-        &["etcdctl", "--endpoints", &store, "put", key, value],
-    );
-    assert!(
-        out.status.success(),
-        "etcdctl put {key}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn inspect(lab: &TestLab, net: &str) -> Value {
     let out = lab.vx("vm2", &["network", "inspect", net]);
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -104,7 +91,7 @@ async fn bad_records_are_refused_reported_and_every_other_network_stays_reachabl
         "does not know: encrypted",
     ));
     for (_, key, value, _) in &cases {
-        etcd_put(&lab, key, value);
+        lab.etcd_put(key, value);
     }
 
     // After the bad records: a new container on n2 on vm3 is reachable from vm2, and n1's
@@ -252,7 +239,7 @@ async fn an_unreadable_network_record_blocks_no_other_network() {
         .unwrap()
         .to_string();
     let bad = Id::random();
-    etcd_put(&lab, &format!("{prefix}networks/{bad}"), "{\"id\": ");
+    lab.etcd_put(&format!("{prefix}networks/{bad}"), "{\"id\": ");
     wait_until(|| {
         info(&lab, "vm3")["rejected_records"]
             .as_array()

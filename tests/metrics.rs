@@ -356,16 +356,7 @@ async fn metrics_are_served_parsed_and_follow_the_cluster() {
         .unwrap()
         .to_string();
     let key = format!("{prefix}networks/{}", vxnet::model::Id::random());
-    let store = lab.lab.cluster_store().replace("etcd://", "http://");
-    let out = lab.sh(
-        "vm1",
-        &["etcdctl", "--endpoints", &store, "put", &key, "{\"id\": "],
-    );
-    assert!(
-        out.status.success(),
-        "etcdctl put: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.etcd_put(&key, "{\"id\": ");
     for host in ["vm2", "vm3"] {
         let s = scrape_until(&lab, host, |s| {
             s.get("vxnet_store_records_rejected_total", &[("kind", "network")]) >= Some(1.0)
@@ -383,12 +374,7 @@ async fn metrics_are_served_parsed_and_follow_the_cluster() {
     }
 
     // The record deleted: no longer refused, still counted.
-    let out = lab.sh("vm1", &["etcdctl", "--endpoints", &store, "del", &key]);
-    assert!(
-        out.status.success(),
-        "etcdctl del: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.etcdctl(&["del", &key]);
     let s = scrape_until(&lab, "vm2", |s| {
         s.get("vxnet_store_records_refused", &[("kind", "network")]) == Some(0.0)
     });

@@ -67,6 +67,26 @@ impl TestLab {
         cmd.output().unwrap()
     }
 
+    /// `etcdctl ARGS` on vm1 against the lab's etcd, asserting success; returns stdout.
+    /// Records written this way come from "anyone who reached etcd", not from a daemon.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let store = self.lab.cluster_store().replace("etcd://", "http://");
+        let mut argv = vec!["etcdctl", "--endpoints", &store];
+        argv.extend_from_slice(args);
+        let out = self.sh("vm1", &argv);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Puts `value` at `key` straight into the lab's etcd (see `etcdctl`).
+    pub fn etcd_put(&self, key: &str, value: &str) {
+        self.etcdctl(&["put", key, value]);
+    }
+
     /// `vxnet ARGS` on a host, asserting success; returns stdout.
     pub fn vx(&self, host: &str, args: &[&str]) -> String {
         let mut argv = vec!["vxnet"];
